@@ -1,0 +1,28 @@
+"""User-facing errors.
+
+Every error a user can cause by configuration or input derives from :class:`LoraeError`.
+The CLI prints these as one clear message (what is wrong, how to fix it) instead of a
+traceback; library users can catch them by the standard base class they also derive from.
+"""
+
+from __future__ import annotations
+
+
+class LoraeError(Exception):
+    """Base class of all errors caused by user input or configuration."""
+
+
+class ConfigError(LoraeError, ValueError):
+    """An option has a value that is not allowed; the message lists the allowed ones."""
+
+
+class DataNotFoundError(LoraeError, FileNotFoundError):
+    """A data file or folder is missing; the message names it and where to get it."""
+
+
+class WeightsNotFoundError(LoraeError, FileNotFoundError):
+    """Pretrained weights can be neither loaded locally nor downloaded."""
+
+
+class CheckpointMismatchError(LoraeError, ValueError):
+    """A checkpoint was trained with settings that differ from the current configuration."""

@@ -1,0 +1,78 @@
+"""The ``lorae`` command: a LightningCLI with ``fit``, ``validate``, ``test`` and ``predict``.
+
+``lorae fit --config configs/quickstart.yaml`` trains (and tests with ``test_after_fit``);
+``lorae test --config X --ckpt_path Y`` evaluates a checkpoint and writes ``metrics.json``
+next to its logs; ``lorae predict`` writes per-sample predictions.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+
+from lorae.data.base import ClassificationDataModule
+from lorae.errors import LoraeError
+from lorae.module import EnsembleClassifier
+from lorae.outputs import PredictionWriter, write_metrics
+
+
+class LoraeCLI(LightningCLI):
+    """LightningCLI with lorae's links, defaults and result files."""
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.link_arguments("data.num_classes", "model.num_classes", apply_on="instantiate")
+        parser.add_argument(
+            "--test_after_fit",
+            type=bool,
+            default=False,
+            help="After `fit`, evaluate the best (or last) checkpoint on the test split and "
+            "write metrics.json (ignored by other subcommands).",
+        )
+        parser.add_lightning_class_args(PredictionWriter, "prediction_writer")
+
+    def after_fit(self) -> None:
+        if not self.config[self.subcommand].get("test_after_fit"):
+            return
+        callback = self.trainer.checkpoint_callback
+        best = getattr(callback, "best_model_path", "") if callback is not None else ""
+        ckpt_path = best or None
+        print(f"\nTesting {'checkpoint ' + best if best else 'the final weights'}")
+        self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=ckpt_path)
+        self._write_test_metrics(ckpt_path)
+
+    def after_test(self) -> None:
+        self._write_test_metrics(self.config[self.subcommand].get("ckpt_path"))
+
+    def after_predict(self) -> None:
+        callbacks = self.trainer.callbacks  # type: ignore[attr-defined]  # set at runtime
+        writer = next(c for c in callbacks if isinstance(c, PredictionWriter))
+        if writer.written is not None:
+            print(f"Predictions written to {writer.written}")
+
+    def _write_test_metrics(self, ckpt_path: str | None) -> None:
+        metrics = {k: v for k, v in self.trainer.callback_metrics.items() if k.startswith("test/")}
+        log_dir = Path(self.trainer.log_dir or self.trainer.default_root_dir)
+        path = write_metrics(
+            log_dir / "metrics.json",
+            metrics,
+            {"checkpoint": ckpt_path, "method": self.model.method.identity()},
+        )
+        print(f"Test metrics written to {path}")
+
+
+def main(args: list[str] | None = None) -> None:
+    """Entry point of the ``lorae`` console script and ``python -m lorae``."""
+    try:
+        LoraeCLI(
+            EnsembleClassifier,
+            ClassificationDataModule,
+            subclass_mode_data=True,
+            trainer_defaults={"gradient_clip_val": 1.0},
+            args=args,
+            auto_configure_optimizers=False,
+        )
+    except LoraeError as error:
+        print(f"lorae: error: {error}", file=sys.stderr)
+        raise SystemExit(2) from error

@@ -1,0 +1,282 @@
+"""Shared base of every classification data module.
+
+The LoRA-Ensemble paper (Halbheer et al., "LoRA-Ensemble: Efficient Uncertainty Modelling for
+Self-attention Networks") reports accuracy and calibration on each data set's *test* split and
+selects hyperparameters on a validation split carved out of the training data. This module holds
+the machinery all data sets share: argument validation, a seeded fractional split, split caching
+and the dataloaders. A concrete data set only says how many classes it has and how to build its
+three datasets.
+
+Batch contract: every dataloader yields ``(inputs, target)``, where ``inputs`` is a float tensor
+``(B, ...)`` (images, spectrograms) or a ``dict[str, Tensor]`` of ``(B, T)`` long tensors (text),
+and ``target`` is a long tensor ``(B,)`` with values in ``[0, num_classes)``.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
+
+import lightning.pytorch as pl
+import torch
+from torch.utils.data import DataLoader, Dataset, Subset
+
+from lorae.errors import ConfigError
+
+__all__ = ["ClassificationDataModule", "TransformedDataset", "seeded_split", "split_indices"]
+
+T = TypeVar("T")
+
+CollateFn = Callable[[list[Any]], Any]
+
+
+def _check_int(name: str, value: object, minimum: int) -> int:
+    """Return ``value`` if it is an int ``>= minimum``, else raise :class:`ConfigError`."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ConfigError(f"{name} must be an integer >= {minimum}, got {value!r}.")
+    return value
+
+
+def _check_fraction(name: str, value: object) -> float:
+    """Return ``value`` as float if it lies in ``[0, 1)``, else raise :class:`ConfigError`."""
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or not 0.0 <= float(value) < 1.0
+    ):
+        raise ConfigError(
+            f"{name} must be a number in [0, 1) (the share of samples to hold out, "
+            f"e.g. 0.1), got {value!r}."
+        )
+    return float(value)
+
+
+def split_indices(n: int, fractions: Sequence[float], seed: int) -> list[list[int]]:
+    """Split ``range(n)`` into a remainder and one part per fraction, reproducibly.
+
+    One permutation of ``range(n)`` is drawn from a generator seeded with ``seed``; the parts
+    are taken from its front in the order of ``fractions`` and the remainder is what is left.
+    A part therefore depends only on ``n``, ``seed`` and the fractions before it: pass the
+    test fraction first so the test split stays the same when the validation fraction changes.
+    Each part has ``round(fraction * n)`` indices, at least one when its fraction is positive.
+    Indices inside every part are sorted.
+
+    Args:
+        n: Number of samples.
+        fractions: Share of ``n`` for each carved part, each in ``[0, 1)``.
+        seed: Seed of the permutation.
+
+    Returns:
+        ``[remainder, part_0, part_1, ...]``, disjoint and together covering ``range(n)``.
+
+    Raises:
+        ConfigError: If a fraction is out of range or too few samples remain.
+    """
+    for fraction in fractions:
+        _check_fraction("split fraction", fraction)
+    counts = [max(1, round(f * n)) if f > 0 else 0 for f in fractions]
+    if n - sum(counts) < 1:
+        raise ConfigError(
+            f"Cannot carve fractions {list(fractions)} out of {n} samples: "
+            f"{sum(counts)} would be held out and none left for training. "
+            "Lower the fractions or provide more data."
+        )
+    generator = torch.Generator().manual_seed(seed)
+    permutation = torch.randperm(n, generator=generator).tolist()
+    parts: list[list[int]] = []
+    start = 0
+    for count in counts:
+        parts.append(sorted(permutation[start : start + count]))
+        start += count
+    return [sorted(permutation[start:]), *parts]
+
+
+def seeded_split(dataset: Dataset[T], fractions: Sequence[float], seed: int) -> list[Subset[T]]:
+    """Split a sized dataset like :func:`split_indices`, returning :class:`Subset` views.
+
+    Args:
+        dataset: A dataset with ``__len__``.
+        fractions: Share of the dataset for each carved part, each in ``[0, 1)``.
+        seed: Seed of the permutation.
+
+    Returns:
+        ``[remainder, part_0, part_1, ...]`` as subsets of ``dataset``.
+    """
+    n = len(dataset)  # type: ignore[arg-type]
+    return [Subset(dataset, part) for part in split_indices(n, fractions, seed)]
+
+
+class TransformedDataset(Dataset[tuple[Any, Any]]):
+    """Applies a transform to the input of every ``(input, target)`` sample of a dataset.
+
+    Lets train and evaluation views of one dataset (e.g. a training folder from which
+    validation is carved) use different transforms without reading the files twice.
+
+    Args:
+        dataset: A sized dataset of ``(input, target)`` pairs.
+        transform: Applied to ``input``; ``None`` leaves it unchanged.
+    """
+
+    def __init__(
+        self, dataset: Dataset[tuple[Any, Any]], transform: Callable[[Any], Any] | None
+    ) -> None:
+        self.dataset = dataset
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, index: int) -> tuple[Any, Any]:
+        inputs, target = self.dataset[index]
+        if self.transform is not None:
+            inputs = self.transform(inputs)
+        return inputs, target
+
+
+class ClassificationDataModule(pl.LightningDataModule, abc.ABC):
+    """Base of every classification data module: splits, caching and dataloaders.
+
+    As in the LoRA-Ensemble paper, models are evaluated on the test split and validation is
+    carved out of the training data when a data set has no validation split of its own
+    (see :meth:`carve`). Subclasses implement :attr:`num_classes`, :attr:`class_names` and
+    :meth:`build_datasets`; :attr:`num_classes` must be answerable right after ``__init__``
+    because ``LightningCLI`` links ``data.num_classes`` into the model when it instantiates it.
+
+    Every dataloader yields ``(inputs, target)``.
+
+    Shape:
+        - inputs: float ``(B, ...)`` or ``dict[str, Tensor]`` of long ``(B, T)``.
+        - target: long ``(B,)`` with values in ``[0, num_classes)``.
+
+    Args:
+        batch_size: Samples per training batch.
+        eval_batch_size: Samples per validation/test/predict batch; ``None`` uses
+            ``batch_size``.
+        num_workers: Dataloader worker processes (0 loads in the main process).
+        val_fraction: Share of the training data carved out for validation when the data set
+            has no validation split, in ``[0, 1)``.
+        seed: Seed of the carved splits and of the training shuffle.
+
+    Raises:
+        ConfigError: If an argument is out of range.
+    """
+
+    def __init__(
+        self,
+        batch_size: int = 32,
+        eval_batch_size: int | None = None,
+        num_workers: int = 0,
+        val_fraction: float = 0.1,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        self.batch_size = _check_int("batch_size", batch_size, 1)
+        self.eval_batch_size = (
+            self.batch_size
+            if eval_batch_size is None
+            else _check_int("eval_batch_size", eval_batch_size, 1)
+        )
+        self.num_workers = _check_int("num_workers", num_workers, 0)
+        self.val_fraction = _check_fraction("val_fraction", val_fraction)
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise ConfigError(f"seed must be an integer, got {seed!r}.")
+        self.seed = seed
+        self._datasets: tuple[Dataset[Any], Dataset[Any], Dataset[Any]] | None = None
+
+    # ------------------------------------------------------------------ subclass interface
+
+    @property
+    @abc.abstractmethod
+    def num_classes(self) -> int:
+        """Number of classes; available right after ``__init__``."""
+
+    @property
+    @abc.abstractmethod
+    def class_names(self) -> list[str]:
+        """Class names in label order (``class_names[i]`` is the name of label ``i``)."""
+
+    @abc.abstractmethod
+    def build_datasets(self) -> tuple[Dataset[Any], Dataset[Any], Dataset[Any]]:
+        """Build the ``(train, val, test)`` datasets; called once by :meth:`setup`.
+
+        Each dataset yields ``(input, target)`` samples with an int ``target`` in
+        ``[0, num_classes)``.
+        """
+
+    @property
+    def collate_fn(self) -> CollateFn | None:
+        """Collate function of every dataloader; ``None`` uses PyTorch's default collate."""
+        return None
+
+    # ------------------------------------------------------------------ shared machinery
+
+    def carve(self, dataset: Dataset[T], *fractions: float) -> list[Subset[T]]:
+        """Split ``dataset`` with this module's ``seed`` (see :func:`seeded_split`).
+
+        Args:
+            dataset: A sized dataset.
+            *fractions: Share of the dataset for each carved part.
+
+        Returns:
+            ``[remainder, part_0, part_1, ...]``.
+        """
+        return seeded_split(dataset, fractions, self.seed)
+
+    def setup(self, stage: str | None = None) -> None:
+        """Build the datasets on first call and cache them (``stage`` is ignored)."""
+        if self._datasets is None:
+            self._datasets = self.build_datasets()
+
+    def _splits(self) -> tuple[Dataset[Any], Dataset[Any], Dataset[Any]]:
+        self.setup()
+        assert self._datasets is not None
+        return self._datasets
+
+    @property
+    def train_dataset(self) -> Dataset[Any]:
+        """Training split (built on first access)."""
+        return self._splits()[0]
+
+    @property
+    def val_dataset(self) -> Dataset[Any]:
+        """Validation split (built on first access)."""
+        return self._splits()[1]
+
+    @property
+    def test_dataset(self) -> Dataset[Any]:
+        """Test split (built on first access)."""
+        return self._splits()[2]
+
+    def _loader(
+        self,
+        dataset: Dataset[Any],
+        batch_size: int,
+        generator: torch.Generator | None = None,
+    ) -> DataLoader[Any]:
+        return DataLoader(
+            dataset,
+            batch_size=batch_size,
+            shuffle=generator is not None,
+            generator=generator,
+            num_workers=self.num_workers,
+            collate_fn=self.collate_fn,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader[Any]:
+        """Shuffled training batches; the order is reproducible from ``seed``."""
+        generator = torch.Generator().manual_seed(self.seed)
+        return self._loader(self.train_dataset, self.batch_size, generator)
+
+    def val_dataloader(self) -> DataLoader[Any]:
+        """Validation batches in a fixed order."""
+        return self._loader(self.val_dataset, self.eval_batch_size)
+
+    def test_dataloader(self) -> DataLoader[Any]:
+        """Test batches in a fixed order."""
+        return self._loader(self.test_dataset, self.eval_batch_size)
+
+    def predict_dataloader(self) -> DataLoader[Any]:
+        """The test split in a fixed order (targets included)."""
+        return self._loader(self.test_dataset, self.eval_batch_size)

@@ -1,0 +1,229 @@
+"""A user's own images, one folder per class."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import Dataset, Subset
+from torchvision.datasets import ImageFolder
+from torchvision.datasets.folder import IMG_EXTENSIONS
+from torchvision.transforms import InterpolationMode, v2
+
+from lorae.data.base import ClassificationDataModule, TransformedDataset, split_indices
+from lorae.errors import ConfigError, DataNotFoundError
+
+__all__ = ["ImageFolderDataModule"]
+
+_LAYOUT = (
+    "Expected layout:\n"
+    "  <root>/train/<class_name>/<image>.jpg|png|...   (required)\n"
+    "  <root>/val/<class_name>/...                       (optional, same classes as train)\n"
+    "  <root>/test/<class_name>/...                      (optional, same classes as train)"
+)
+
+
+def _is_image(path: Path) -> bool:
+    return path.is_file() and path.name.lower().endswith(IMG_EXTENSIONS)
+
+
+def _class_folders(split_dir: Path) -> list[str]:
+    """Sorted class folder names of ``split_dir``; each must hold at least one image."""
+    classes = sorted(p.name for p in split_dir.iterdir() if p.is_dir())
+    if not classes:
+        raise DataNotFoundError(
+            f"No class folders found in '{split_dir}'. Put the images of each class in their "
+            f"own sub-folder.\n{_LAYOUT}"
+        )
+    empty = [c for c in classes if not any(_is_image(p) for p in (split_dir / c).rglob("*"))]
+    if empty:
+        raise DataNotFoundError(
+            f"No images found in class folder(s) {empty} of '{split_dir}' (allowed "
+            f"extensions: {', '.join(IMG_EXTENSIONS)}). Add images or remove the empty "
+            f"folders.\n{_LAYOUT}"
+        )
+    return classes
+
+
+class ImageFolderDataModule(ClassificationDataModule):
+    """Classify a user's own images stored one folder per class.
+
+    Layout: ``root/train/<class>/*.jpg|png|...`` (required), ``root/val/<class>/...`` and
+    ``root/test/<class>/...`` (optional, with the same class folders as ``train``). Labels follow
+    :class:`torchvision.datasets.ImageFolder`: class ``i`` is the ``i``-th folder name in
+    sorted order.
+
+    Missing splits are carved out of ``train`` with ``seed`` (as the LoRA-Ensemble paper carves
+    validation from training): if ``test/`` is missing, ``test_fraction`` of the training images
+    become the test split; if ``val/`` is missing, ``val_fraction`` of them become the
+    validation split. The test split is drawn first, so it does not change with
+    ``val_fraction``. Carved validation/test images get the evaluation transform.
+
+    Evaluation transform: resize the shorter side to ``image_size`` (bicubic), center crop to
+    ``image_size``, scale to ``[0, 1]``, normalize with ``mean``/``std``. Training uses the same
+    plus a random horizontal flip when ``augment`` is true.
+
+    Shape:
+        - inputs: float ``(B, 3, image_size, image_size)``.
+        - target: long ``(B,)``.
+
+    Args:
+        root: Data folder (see layout above).
+        image_size: Side of the square model input in pixels.
+        mean: Per-channel normalization mean (default: ImageNet, as the paper's ViT-B/32).
+        std: Per-channel normalization standard deviation (default: ImageNet).
+        augment: Randomly flip training images horizontally.
+        test_fraction: Share of ``train`` carved out as test split when ``test/`` is missing.
+        batch_size: Samples per training batch.
+        eval_batch_size: Samples per evaluation batch; ``None`` uses ``batch_size``.
+        num_workers: Dataloader worker processes.
+        val_fraction: Share of ``train`` carved out as validation split when ``val/`` is
+            missing.
+        seed: Seed of the carved splits and of the training shuffle.
+
+    Raises:
+        DataNotFoundError: If ``root`` or ``root/train`` is missing or holds no images.
+        ConfigError: If ``val``/``test`` class folders differ from ``train`` or an argument is
+            out of range.
+    """
+
+    def __init__(
+        self,
+        root: str,
+        image_size: int = 224,
+        mean: tuple[float, float, float] = (0.485, 0.456, 0.406),
+        std: tuple[float, float, float] = (0.229, 0.224, 0.225),
+        augment: bool = False,
+        test_fraction: float = 0.1,
+        batch_size: int = 32,
+        eval_batch_size: int | None = None,
+        num_workers: int = 0,
+        val_fraction: float = 0.1,
+        seed: int = 0,
+    ) -> None:
+        super().__init__(
+            batch_size=batch_size,
+            eval_batch_size=eval_batch_size,
+            num_workers=num_workers,
+            val_fraction=val_fraction,
+            seed=seed,
+        )
+        if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1:
+            raise ConfigError(f"image_size must be a positive integer, got {image_size!r}.")
+        if len(mean) != 3 or len(std) != 3:
+            raise ConfigError(
+                f"mean and std need one value per RGB channel (3 each), got mean={mean!r}, "
+                f"std={std!r}."
+            )
+        if any(s <= 0 for s in std):
+            raise ConfigError(f"std values must be positive, got {std!r}.")
+        if (
+            isinstance(test_fraction, bool)
+            or not isinstance(test_fraction, (int, float))
+            or not 0.0 <= test_fraction < 1.0
+        ):
+            raise ConfigError(
+                f"test_fraction must be a number in [0, 1) (the share of train/ held out as "
+                f"test split when test/ is missing), got {test_fraction!r}."
+            )
+        self.root = Path(root)
+        self.image_size = image_size
+        self.mean = tuple(float(m) for m in mean)
+        self.std = tuple(float(s) for s in std)
+        self.augment = augment
+        self.test_fraction = float(test_fraction)
+
+        if not self.root.is_dir():
+            raise DataNotFoundError(f"Image folder '{self.root}' does not exist.\n{_LAYOUT}")
+        train_dir = self.root / "train"
+        if not train_dir.is_dir():
+            raise DataNotFoundError(
+                f"Training folder '{train_dir}' does not exist; it is required.\n{_LAYOUT}"
+            )
+        self._classes = _class_folders(train_dir)
+        self._has_split: dict[str, bool] = {}
+        for split in ("val", "test"):
+            split_dir = self.root / split
+            self._has_split[split] = split_dir.is_dir()
+            if self._has_split[split]:
+                self._check_same_classes(split_dir, _class_folders(split_dir))
+        carves_both = not self._has_split["val"] and not self._has_split["test"]
+        if carves_both and self.val_fraction + self.test_fraction >= 1.0:
+            raise ConfigError(
+                f"val_fraction + test_fraction must be below 1 so that training images "
+                f"remain, got {self.val_fraction} + {self.test_fraction}."
+            )
+
+    def _check_same_classes(self, split_dir: Path, classes: list[str]) -> None:
+        if classes == self._classes:
+            return
+        missing = sorted(set(self._classes) - set(classes))
+        extra = sorted(set(classes) - set(self._classes))
+        raise ConfigError(
+            f"Class folders of '{split_dir}' differ from those of '{self.root / 'train'}': "
+            f"missing in {split_dir.name}/: {missing}, not in train/: {extra}. Every split "
+            "needs the same class folders (labels are assigned by sorted folder name)."
+        )
+
+    @property
+    def num_classes(self) -> int:
+        """Number of class folders in ``root/train``."""
+        return len(self._classes)
+
+    @property
+    def class_names(self) -> list[str]:
+        """Class folder names in label order (sorted)."""
+        return list(self._classes)
+
+    def eval_transform(self) -> v2.Compose:
+        """Resize (bicubic), center crop, scale to ``[0, 1]`` and normalize.
+
+        Shape:
+            - output: float ``(3, image_size, image_size)``.
+        """
+        return v2.Compose(
+            [
+                v2.ToImage(),
+                v2.Resize(self.image_size, interpolation=InterpolationMode.BICUBIC, antialias=True),
+                v2.CenterCrop(self.image_size),
+                v2.ToDtype(torch.float32, scale=True),
+                v2.Normalize(list(self.mean), list(self.std)),
+                v2.ToPureTensor(),
+            ]
+        )
+
+    def train_transform(self) -> v2.Compose:
+        """The evaluation transform, plus a random horizontal flip when ``augment`` is true.
+
+        Shape:
+            - output: float ``(3, image_size, image_size)``.
+        """
+        if not self.augment:
+            return self.eval_transform()
+        return v2.Compose([v2.RandomHorizontalFlip(), self.eval_transform()])
+
+    def _folder(self, split: str) -> ImageFolder:
+        return ImageFolder(str(self.root / split))
+
+    def build_datasets(self) -> tuple[Dataset[Any], Dataset[Any], Dataset[Any]]:
+        """Read the class folders and carve the missing splits out of ``train``."""
+        train_tf, eval_tf = self.train_transform(), self.eval_transform()
+        train_all = self._folder("train")
+        fractions: list[float] = []
+        if not self._has_split["test"]:
+            fractions.append(self.test_fraction)
+        if not self._has_split["val"]:
+            fractions.append(self.val_fraction)
+        parts = split_indices(len(train_all), fractions, self.seed)
+        carved = dict(
+            zip([s for s in ("test", "val") if not self._has_split[s]], parts[1:], strict=True)
+        )
+
+        def split(name: str) -> Dataset[Any]:
+            if name in carved:
+                return TransformedDataset(Subset(train_all, carved[name]), eval_tf)
+            return TransformedDataset(self._folder(name), eval_tf)
+
+        train = TransformedDataset(Subset(train_all, parts[0]), train_tf)
+        return train, split("val"), split("test")

@@ -1,0 +1,229 @@
+"""Batched LoRA-Ensemble layers (paper section 3, Eq. 3).
+
+For member ``i`` the adapted projection is ``W_i = W_0 + (alpha / R) B_i A_i``: the frozen
+pretrained weight ``W_0`` is shared and kept once; every member owns ``A_i (R, D_in)`` and
+``B_i (D_out, R)``. The input arrives member-major, ``(M*B, ..., D_in)`` with row ``m*B + b``
+being sample ``b`` of member ``m``, so the base projection runs once over the whole batch and
+all members' low-rank deltas are added with one batched matmul over the member axis (no
+Python loop over members, no per-member weight copies).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+from lorae.errors import ConfigError
+
+LoRAInit = Literal["xavier_uniform", "normal"]
+
+
+def _check_lora_args(num_members: int, rank: int, init: str) -> None:
+    if num_members < 1:
+        raise ConfigError(f"num_members must be >= 1, got {num_members}.")
+    if rank < 1:
+        raise ConfigError(f"rank must be >= 1, got {rank}.")
+    if init not in ("xavier_uniform", "normal"):
+        raise ConfigError(f"init must be 'xavier_uniform' or 'normal', got {init!r}.")
+
+
+@torch.no_grad()
+def init_lora_a(a: Tensor, init: LoRAInit, gain: float, std: float) -> None:
+    """Initialise stacked ``A`` matrices in place, each ``(R, D_in)`` slice drawn on its own.
+
+    Paper appendix N: Xavier-uniform with gain 10 (default, so members start diverse) or a
+    Gaussian with standard deviation ``std``. ``B`` starts at zero so the adapted model equals
+    the pretrained one at initialisation.
+
+    Shape:
+        a: ``(..., R, D_in)``; every leading index is one independently drawn matrix.
+    """
+    for matrix in a.view(-1, a.shape[-2], a.shape[-1]):
+        if init == "xavier_uniform":
+            nn.init.xavier_uniform_(matrix, gain=gain)
+        else:
+            nn.init.normal_(matrix, mean=0.0, std=std)
+
+
+def lora_scale(rank: int, alpha: float | None) -> float:
+    """The LoRA scale ``alpha / rank`` (``alpha=None`` means ``alpha = rank``, scale 1)."""
+    return (rank if alpha is None else alpha) / rank
+
+
+def _members_view(x: Tensor, num_members: int) -> Tensor:
+    """View a member-major batch ``(M*B, ..., D)`` as ``(M, B*..., D)`` without copying."""
+    if x.shape[0] % num_members != 0:
+        raise ValueError(
+            f"LoRA-Ensemble layer with {num_members} members got a batch of {x.shape[0]} rows, "
+            "which is not a multiple of the member count: repeat the input member-major "
+            "(x.repeat(M, ...)) before the backbone."
+        )
+    return x.reshape(num_members, -1, x.shape[-1])
+
+
+class LoRAEnsembleLinear(nn.Module):
+    """A frozen ``nn.Linear`` plus one low-rank delta per ensemble member.
+
+    Args:
+        base: the pretrained projection ``W_0``; it is frozen and kept (not copied).
+        num_members: ensemble size M.
+        rank: LoRA rank R.
+        alpha: scale numerator; the delta is multiplied by ``alpha / rank``. ``None`` means
+            ``alpha = rank`` (scale 1, as the paper).
+        init: initialisation of ``A``: ``"xavier_uniform"`` (gain ``init_gain``) or
+            ``"normal"`` (std ``init_std``).
+        init_gain: Xavier gain (paper default 10).
+        init_std: Gaussian standard deviation.
+
+    Shape:
+        - A: ``(M, R, D_in)``, B: ``(M, D_out, R)``
+        - input: ``(M*B, ..., D_in)`` member-major
+        - output: ``(M*B, ..., D_out)``
+    """
+
+    def __init__(
+        self,
+        base: nn.Linear,
+        num_members: int,
+        rank: int,
+        alpha: float | None = None,
+        init: LoRAInit = "xavier_uniform",
+        init_gain: float = 10.0,
+        init_std: float = 0.02,
+    ) -> None:
+        super().__init__()
+        self._init_factors(
+            base,
+            num_members,
+            rank,
+            alpha,
+            (rank,),
+            (base.out_features, rank),
+            init,
+            init_gain,
+            init_std,
+        )
+
+    def _init_factors(
+        self,
+        base: nn.Linear,
+        num_members: int,
+        rank: int,
+        alpha: float | None,
+        a_shape: tuple[int, ...],
+        b_shape: tuple[int, ...],
+        init: LoRAInit,
+        init_gain: float,
+        init_std: float,
+    ) -> None:
+        """Freeze ``base``; create ``A (M, *a_shape, D_in)`` (drawn) and ``B (M, *b_shape)`` = 0."""
+        _check_lora_args(num_members, rank, init)
+        self.base = base.requires_grad_(False)
+        self.num_members = num_members
+        self.rank = rank
+        self.scale = lora_scale(rank, alpha)
+        weight = base.weight
+        self.A = nn.Parameter(weight.new_empty(num_members, *a_shape, base.in_features))
+        self.B = nn.Parameter(weight.new_zeros(num_members, *b_shape))
+        init_lora_a(self.A, init, init_gain, init_std)
+
+    def down_projection(self) -> Tensor:
+        """The ``A`` factors stacked along the rank axis. Shape: ``(M, P*R, D_in)``, P = 1 here."""
+        return self.A.reshape(self.num_members, -1, self.A.shape[-1])
+
+    def up_projection(self) -> Tensor:
+        """The ``B`` factors laid out for one batched matmul. Shape: ``(M, D_out, P*R)``."""
+        return self.B
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.base(x)
+        xm = _members_view(x, self.num_members)  # (M, N, D_in)
+        hidden = torch.bmm(xm, self.down_projection().transpose(1, 2).to(xm.dtype))  # (M, N, P*R)
+        up = self.up_projection().to(out.dtype)
+        # Add in place into the frozen layer's output: no extra (M, N, D_out) buffer.
+        out.view(self.num_members, -1, out.shape[-1]).baddbmm_(
+            hidden.to(out.dtype), up.transpose(1, 2), alpha=self.scale
+        )
+        return out
+
+    def delta_weight(self) -> Tensor:
+        """Every member's weight update ``(alpha/R) B_i A_i``. Shape: ``(M, D_out, D_in)``."""
+        return self.scale * torch.bmm(self.up_projection(), self.down_projection())
+
+    def extra_repr(self) -> str:
+        return f"num_members={self.num_members}, rank={self.rank}, scale={self.scale:g}"
+
+
+class LoRAEnsembleFusedLinear(LoRAEnsembleLinear):
+    """LoRA-Ensemble on a fused projection such as timm's ``attn.qkv`` (``D -> 3D``).
+
+    The fused output is made of equal parts (``q``, ``k``, ``v``); each enabled part gets its
+    own delta ``B_{i,p} A_{i,p}`` exactly as if q, k and v were separate ``nn.Linear`` layers.
+    All parts are computed with the same two batched matmuls: the ``A`` factors are stacked
+    along the rank axis and the ``B`` factors placed block-diagonally.
+
+    Args:
+        base: the fused frozen projection, ``out_features = len(parts) * D_part``.
+        parts: names of the fused parts in output order, e.g. ``("q", "k", "v")``.
+        enabled: the parts that get LoRA (a non-empty subset of ``parts``).
+        num_members, rank, alpha, init, init_gain, init_std: as in :class:`LoRAEnsembleLinear`.
+
+    Shape:
+        - A: ``(M, P, R, D_in)``, B: ``(M, P, D_part, R)`` with P = ``len(enabled)``
+        - input ``(M*B, ..., D_in)``, output ``(M*B, ..., len(parts) * D_part)``
+    """
+
+    def __init__(
+        self,
+        base: nn.Linear,
+        parts: Sequence[str],
+        enabled: Sequence[str],
+        num_members: int,
+        rank: int,
+        alpha: float | None = None,
+        init: LoRAInit = "xavier_uniform",
+        init_gain: float = 10.0,
+        init_std: float = 0.02,
+    ) -> None:
+        nn.Module.__init__(self)
+        unknown = [p for p in enabled if p not in parts]
+        if not enabled or unknown:
+            raise ConfigError(
+                f"enabled parts must be a non-empty subset of {list(parts)}, got {list(enabled)}."
+            )
+        if base.out_features % len(parts) != 0:
+            raise ConfigError(
+                f"out_features {base.out_features} does not split into parts {list(parts)}."
+            )
+        self.parts = tuple(parts)
+        self.enabled = tuple(p for p in parts if p in enabled)
+        n, part_dim = len(self.enabled), base.out_features // len(parts)
+        self._init_factors(
+            base,
+            num_members,
+            rank,
+            alpha,
+            (n, rank),
+            (n, part_dim, rank),
+            init,
+            init_gain,
+            init_std,
+        )
+        self._slots = [self.parts.index(p) for p in self.enabled]
+
+    def up_projection(self) -> Tensor:
+        """Block-diagonal ``B``: part p's delta only writes its own output slice.
+
+        Shape: ``(M, len(parts) * D_part, P * R)``.
+        """
+        m, n, part_dim, rank = self.B.shape
+        full = self.B.new_zeros(m, len(self.parts), part_dim, n, rank)
+        for j, slot in enumerate(self._slots):
+            full[:, slot, :, j] = self.B[:, j]
+        return full.reshape(m, len(self.parts) * part_dim, n * rank)
+
+    def extra_repr(self) -> str:
+        return f"parts={self.parts}, enabled={self.enabled}, " + super().extra_repr()

@@ -1,0 +1,67 @@
+"""The one contract every method implements: ``forward(x) -> (M, B, C)`` member logits."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from torch import Tensor, nn
+
+from lorae.backbones.base import Inputs
+
+
+def repeat_members(x: Inputs, num_members: int) -> Inputs:
+    """Members enter once, at the input: repeat the batch member-major.
+
+    Row ``m*B + b`` of the result is sample ``b`` for member ``m``; named text inputs are
+    repeated tensor by tensor.
+
+    Shape:
+        ``(B, ...) -> (M*B, ...)`` (each tensor of a mapping likewise)
+    """
+    if num_members == 1:
+        return x
+    if isinstance(x, Tensor):
+        return x.repeat(num_members, *([1] * (x.dim() - 1)))
+    return {k: v.repeat(num_members, *([1] * (v.dim() - 1))) for k, v in x.items()}
+
+
+class EnsembleMethod(nn.Module):
+    """Base of every method (LoRA-Ensemble and the paper's baselines).
+
+    Subclasses set ``num_members`` and implement :meth:`forward`. Everything downstream
+    (loss, predictive distribution, metrics, prediction files) reads only the returned
+    member logits, so every method is evaluated by literally the same code.
+
+    Shape:
+        forward: inputs ``(B, ...)`` -> logits ``(M, B, C)``
+    """
+
+    num_members: int
+    num_classes: int
+
+    def forward(self, x: Inputs) -> Tensor:
+        raise NotImplementedError
+
+    def identity(self) -> dict[str, Any]:
+        """Settings a checkpoint must share with the config to be loadable into this method.
+
+        Stored in every checkpoint and compared on load, so a mismatch (another
+        ``num_members``, rank, backbone ...) is reported by name instead of as a tensor-shape
+        error.
+        """
+        return {
+            "method": type(self).__name__,
+            "num_members": self.num_members,
+            "num_classes": self.num_classes,
+        }
+
+
+def describe_mismatch(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
+    """Lines ``key: checkpoint X, config Y`` for every setting that differs."""
+    keys = sorted(set(saved) | set(current))
+    return [
+        f"{key}: checkpoint {saved.get(key)!r}, config {current.get(key)!r}"
+        for key in keys
+        if saved.get(key) != current.get(key)
+    ]

@@ -17,7 +17,7 @@ def warmup_decay(total_steps: int, warmup_steps: int, decay: LRDecay) -> Callabl
     Linear warm-up from 0 to 1 over ``warmup_steps`` (the paper uses 500), then ``decay``:
     ``"cosine"`` to 0 at ``total_steps`` (the paper's ViT and AST recipes), ``"linear"`` to 0
     (its BERT recipe) or ``"constant"``. If training is shorter than the warm-up, the warm-up
-    is shortened to the training length so the rate still reaches its peak.
+    is shortened to end at the last step, which then runs at the peak rate.
     """
     if warmup_steps < 0:
         raise ConfigError(f"warmup_steps must be >= 0, got {warmup_steps}.")

@@ -18,6 +18,7 @@ from lorae.backbones.base import (
     local_weights_path,
     merged_overrides,
 )
+from lorae.errors import ConfigError
 
 #: ``VisionTransformer`` arguments of each torchvision architecture (its builders hard-code
 #: them, so they are repeated here to allow overrides such as a smaller ``image_size``).
@@ -81,6 +82,21 @@ def _load_state_dict(path: str) -> dict[str, Tensor]:
     return state.get("state_dict", state) if isinstance(state, dict) else state
 
 
+def _load_backbone_weights(
+    model: nn.Module, state: dict[str, Tensor], name: str, source: str
+) -> None:
+    """Load everything but the classifier ``heads``; a wrong architecture is a clear error."""
+    body = {k: v for k, v in state.items() if not k.startswith("heads.")}
+    try:
+        model.load_state_dict(body)
+    except RuntimeError as error:
+        raise ConfigError(
+            f"The weights in {source} do not fit backbone {name!r} with the configured "
+            f"backbone_overrides: {str(error).splitlines()[-1].strip()} Use weights of the "
+            "same architecture, or remove the overrides that change its shape."
+        ) from error
+
+
 def build_torchvision_vit(
     name: str, pretrained: Pretrained, overrides: Mapping[str, Any] | None
 ) -> TorchvisionViT:
@@ -90,6 +106,7 @@ def build_torchvision_vit(
     model = VisionTransformer(
         **{"image_size": 224, **TORCHVISION_VITS[name], **merged_overrides(overrides)}
     )
+    model.heads = nn.Identity()  # features only: the published ImageNet head is dropped
     if pretrained is True:
         weights = torchvision.models.get_model_weights(name).DEFAULT
         try:
@@ -102,9 +119,8 @@ def build_torchvision_vit(
                 f"`pretrained: /path/to/{weights.url.rsplit('/', 1)[-1]}` (or place the file "
                 f"in {torch.hub.get_dir()}/checkpoints/)",
             ) from error
-        model.load_state_dict(state)
+        _load_backbone_weights(model, state, name, weights.url)
     elif isinstance(pretrained, str):
         path = local_weights_path(name, pretrained, expect_dir=False)
-        model.load_state_dict(_load_state_dict(str(path)))
-    model.heads = nn.Identity()
+        _load_backbone_weights(model, _load_state_dict(str(path)), name, str(path))
     return TorchvisionViT(model, "torchvision_vit", int(model.hidden_dim))

@@ -1,0 +1,118 @@
+"""EnsembleClassifier: loss, optimizer over trainable parameters, schedule, checkpoint checks."""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import math
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from lorae.errors import CheckpointMismatchError, ConfigError
+from lorae.methods import LoRAEnsemble
+from lorae.metrics import member_cross_entropy
+from lorae.module import EnsembleClassifier
+from lorae.optim import warmup_decay
+from tests.fixtures.models import TINY_BACKBONES
+
+C = 3
+
+
+def _module(num_members: int = 2, **kwargs: object) -> EnsembleClassifier:
+    name, overrides = TINY_BACKBONES["timm_vit"]
+    method = functools.partial(
+        LoRAEnsemble,
+        backbone=name,
+        num_members=num_members,
+        rank=2,
+        pretrained=False,
+        backbone_overrides=overrides,
+    )
+    return EnsembleClassifier(method, C, **kwargs)  # type: ignore[arg-type]
+
+
+def _loader() -> DataLoader[tuple[torch.Tensor, ...]]:
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(8, 3, 16, 16, generator=generator)
+    y = torch.randint(0, C, (8,), generator=generator)
+    return DataLoader(TensorDataset(x, y), batch_size=4)
+
+
+def test_warmup_then_cosine() -> None:
+    f = warmup_decay(total_steps=110, warmup_steps=10, decay="cosine")
+    assert f(0) == pytest.approx(1 / 11)
+    assert f(9) == pytest.approx(10 / 11)
+    assert f(10) == pytest.approx(1.0)
+    assert f(60) == pytest.approx(0.5)
+    assert f(110) == pytest.approx(0.0, abs=1e-12)
+    values = [f(s) for s in range(10, 111)]
+    assert all(a >= b for a, b in itertools.pairwise(values)), "decay is monotone"
+
+
+def test_linear_and_constant_decay_and_short_runs() -> None:
+    assert warmup_decay(20, 0, "linear")(10) == pytest.approx(0.5)
+    assert warmup_decay(20, 0, "constant")(19) == 1.0
+    short = warmup_decay(total_steps=5, warmup_steps=500, decay="cosine")
+    assert short(3) == pytest.approx(0.8)
+    assert short(4) == pytest.approx(1.0), "warm-up shortened to the run ends at the peak"
+    with pytest.raises(ConfigError, match="lr_decay"):
+        warmup_decay(10, 0, "step")  # type: ignore[arg-type]
+
+
+def test_loss_is_mean_member_cross_entropy_with_class_weights() -> None:
+    weights = [1.0, 2.0, 0.5]
+    module = _module(class_weights=weights).eval()
+    x, y = next(iter(_loader()))
+    logits = module(x)
+    expected = member_cross_entropy(logits, y, torch.tensor(weights))
+    per_member = torch.stack(
+        [torch.nn.functional.cross_entropy(lg, y, weight=torch.tensor(weights)) for lg in logits]
+    ).mean()
+    torch.testing.assert_close(expected, per_member)
+    module.log = lambda *args, **kwargs: None  # type: ignore[method-assign]  # no trainer here
+    torch.testing.assert_close(module.training_step((x, y), 0), expected)
+
+
+def test_class_weights_length_must_match() -> None:
+    with pytest.raises(ConfigError, match="one weight per class"):
+        _module(class_weights=[1.0, 2.0])
+
+
+def test_optimizer_sees_only_trainable_parameters_and_schedule_steps() -> None:
+    module = _module(
+        optimizer=functools.partial(torch.optim.AdamW, lr=0.01), warmup_steps=2, lr_decay="cosine"
+    )
+    trainer = pl.Trainer(
+        max_steps=4,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+    )
+    trainer.fit(module, train_dataloaders=_loader())
+    optimizer = trainer.optimizers[0]
+    in_optimizer = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    trainable = {id(p) for p in module.parameters() if p.requires_grad}
+    assert in_optimizer == trainable and len(trainable) < len(list(module.parameters()))
+    # 4 steps of 4: warm-up 2, then cosine to 0 at the last step.
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.01 * 0.5 * (1 + math.cos(math.pi)))
+
+
+def test_checkpoint_identity_is_saved_and_checked() -> None:
+    module = _module(num_members=2)
+    checkpoint: dict[str, object] = {}
+    module.on_save_checkpoint(checkpoint)
+    assert checkpoint["lorae"] == {
+        "method": "LoRAEnsemble",
+        "num_members": 2,
+        "num_classes": C,
+        "backbone": "vit_tiny_patch16_224",
+        "rank": 2,
+    }
+    _module(num_members=2).on_load_checkpoint(checkpoint)  # same settings: accepted
+    with pytest.raises(CheckpointMismatchError, match="num_members: checkpoint 2, config 3"):
+        _module(num_members=3).on_load_checkpoint(checkpoint)

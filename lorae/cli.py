@@ -73,6 +73,13 @@ def main(args: list[str] | None = None) -> None:
             args=args,
             auto_configure_optimizers=False,
         )
-    except LoraeError as error:
-        print(f"lorae: error: {error}", file=sys.stderr)
+    except Exception as error:
+        # jsonargparse re-raises errors from building a subclass-typed argument (the data
+        # module) as its own ValueError; the user's error is in the cause chain.
+        cause: BaseException | None = error
+        while cause is not None and not isinstance(cause, LoraeError):
+            cause = cause.__cause__
+        if cause is None:
+            raise
+        print(f"lorae: error: {cause}", file=sys.stderr)
         raise SystemExit(2) from error

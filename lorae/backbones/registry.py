@@ -10,6 +10,9 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import timm
+import torchvision
+
 from lorae.backbones.base import Backbone, Pretrained
 from lorae.backbones.hf_bert import BERT_ARCHITECTURES, build_hf_bert
 from lorae.backbones.timm_vit import TIMM_PATTERNS, build_timm_vit, is_timm_vit
@@ -52,6 +55,39 @@ register_backbone(
     build_hf_bert,
     f"Hugging Face BERT (text extra): {', '.join(BERT_ARCHITECTURES)}",
 )
+
+
+@dataclass(frozen=True)
+class ImagePreprocessing:
+    """The input a vision backbone's published weights expect."""
+
+    image_size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+
+IMAGENET = ImagePreprocessing(224, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+
+
+def image_preprocessing(name: str) -> ImagePreprocessing:
+    """Input size and normalisation of a vision backbone's published weights, read from the
+    library that publishes them (timm's pretrained config, torchvision's weights metadata).
+    """
+    if name in TORCHVISION_VITS:
+        transform = torchvision.models.get_model_weights(name).DEFAULT.transforms()
+        return ImagePreprocessing(
+            int(transform.crop_size[0]), tuple(transform.mean), tuple(transform.std)
+        )
+    if is_timm_vit(name):
+        cfg = timm.get_pretrained_cfg(name.split(".")[0])
+        if cfg is not None:
+            mean, std = tuple(cfg.mean), tuple(cfg.std)
+            return ImagePreprocessing(int(cfg.input_size[-1]), mean, std)  # type: ignore[arg-type]
+        return IMAGENET
+    raise ConfigError(
+        f"{name!r} is not a known vision backbone; image preprocessing is defined for:\n  "
+        + "\n  ".join(known_backbones()[:2])
+    )
 
 
 def known_backbones() -> list[str]:

@@ -11,6 +11,7 @@ from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS
 from torchvision.transforms import InterpolationMode, v2
 
+from lorae.backbones.registry import IMAGENET, image_preprocessing
 from lorae.data.base import ClassificationDataModule, TransformedDataset, split_indices
 from lorae.errors import ConfigError, DataNotFoundError
 
@@ -70,9 +71,13 @@ class ImageFolderDataModule(ClassificationDataModule):
 
     Args:
         root: Data folder (see layout above).
-        image_size: Side of the square model input in pixels.
-        mean: Per-channel normalization mean (default: ImageNet, as the paper's ViT-B/32).
-        std: Per-channel normalization standard deviation (default: ImageNet).
+        backbone: Name of the vision backbone the images are for; its published weights'
+            input size, mean and std become the defaults of the next three arguments
+            (``vit_b_32``: 224 px, ImageNet mean/std; timm ``vit_*`` augreg: 224 px, 0.5/0.5).
+        image_size: Side of the square model input in pixels (default: the backbone's, or 224).
+        mean: Per-channel normalization mean (default: the backbone's, or ImageNet's).
+        std: Per-channel normalization standard deviation (default: the backbone's, or
+            ImageNet's).
         augment: Randomly flip training images horizontally.
         test_fraction: Share of ``train`` carved out as test split when ``test/`` is missing.
         batch_size: Samples per training batch.
@@ -91,9 +96,10 @@ class ImageFolderDataModule(ClassificationDataModule):
     def __init__(
         self,
         root: str,
-        image_size: int = 224,
-        mean: tuple[float, float, float] = (0.485, 0.456, 0.406),
-        std: tuple[float, float, float] = (0.229, 0.224, 0.225),
+        backbone: str | None = None,
+        image_size: int | None = None,
+        mean: tuple[float, float, float] | None = None,
+        std: tuple[float, float, float] | None = None,
         augment: bool = False,
         test_fraction: float = 0.1,
         batch_size: int = 32,
@@ -109,6 +115,10 @@ class ImageFolderDataModule(ClassificationDataModule):
             val_fraction=val_fraction,
             seed=seed,
         )
+        published = IMAGENET if backbone is None else image_preprocessing(backbone)
+        image_size = published.image_size if image_size is None else image_size
+        mean = published.mean if mean is None else mean
+        std = published.std if std is None else std
         if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1:
             raise ConfigError(f"image_size must be a positive integer, got {image_size!r}.")
         if len(mean) != 3 or len(std) != 3:

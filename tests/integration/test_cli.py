@@ -41,8 +41,13 @@ CONFIG_FILES = sorted(
 )
 SUBCOMMANDS = ("fit", "validate", "test", "predict")
 
-# Rows per run kept small; every run quiet.
 FAST = ["--trainer.fast_dev_run=true"]
+
+
+@pytest.fixture(autouse=True)
+def _plain_argv(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Hide pytest's own arguments from LightningCLI (it warns when both are present)."""
+    monkeypatch.setattr(sys, "argv", ["lorae"])
 
 
 # ---------------------------------------------------------------------------------- helpers
@@ -173,8 +178,14 @@ def test_fit_fast_dev_run_trains_and_tests(setup_name: str, tmp_path: Path) -> N
     cfg = write_config(tmp_path / "config.yaml", setup.config)
     out = tmp_path / "run"
     run_cli(
-        ["fit", "--config", str(cfg), *FAST, f"--trainer.default_root_dir={out}"]
-        + ["--test_after_fit=true"]
+        [
+            "fit",
+            "--config",
+            str(cfg),
+            *FAST,
+            f"--trainer.default_root_dir={out}",
+            "--test_after_fit=true",
+        ]
     )
     # fast_dev_run saves no checkpoint: test_after_fit tests the final weights.
     report = read_metrics(only_file(out, "metrics.json"))
@@ -200,8 +211,13 @@ def test_predict_writes_one_row_per_test_sample(setup_name: str, tmp_path: Path)
     cfg = write_config(tmp_path / "config.yaml", setup.config)
     csv_path = tmp_path / "out" / "predictions.csv"
     run_cli(
-        ["predict", "--config", str(cfg), f"--trainer.default_root_dir={tmp_path / 'run'}"]
-        + [f"--prediction_writer.output_path={csv_path}"]
+        [
+            "predict",
+            "--config",
+            str(cfg),
+            f"--trainer.default_root_dir={tmp_path / 'run'}",
+            f"--prediction_writer.output_path={csv_path}",
+        ]
     )
     rows = read_predictions(csv_path, setup.num_classes)
     assert [int(row["target"]) for row in rows] == setup.targets()
@@ -224,12 +240,20 @@ def test_test_from_checkpoint_reproduces_test_after_fit(tmp_path: Path) -> None:
     config["trainer"]["callbacks"] = [checkpoint_callback(tmp_path / "ckpt")]
     cfg = write_config(tmp_path / "config.yaml", config)
     run_cli(
-        ["fit", "--config", str(cfg), "--test_after_fit=true", "--trainer.max_epochs=1"]
-        + ["--trainer.limit_train_batches=3", "--trainer.limit_val_batches=2"]
+        [
+            "fit",
+            "--config",
+            str(cfg),
+            "--test_after_fit=true",
+            "--trainer.max_epochs=1",
+            "--trainer.limit_train_batches=3",
+            "--trainer.limit_val_batches=2",
+        ]
     )
     last = tmp_path / "ckpt" / "last.ckpt"
     assert last.is_file()
-    fit_report = read_metrics(only_file(tmp_path / "logs", "metrics.json"))
+    fit_json = only_file(tmp_path / "logs", "metrics.json")
+    fit_report = read_metrics(fit_json)
     fit_metrics = check_test_metrics(fit_report, 2)
     assert fit_report["checkpoint"] is not None
     assert Path(fit_report["checkpoint"]).parent == tmp_path / "ckpt"
@@ -238,17 +262,21 @@ def test_test_from_checkpoint_reproduces_test_after_fit(tmp_path: Path) -> None:
     # metrics back.
     run_cli(["test", "--config", str(cfg), "--seed_everything=123", "--ckpt_path", str(last)])
     reports = sorted((tmp_path / "logs").rglob("metrics.json"))
-    assert len(reports) == 2
-    test_report = read_metrics(reports[1])
-    assert reports[1] != only_file(tmp_path / "logs" / "tiny" / "version_0", "metrics.json")
+    assert len(reports) == 2 and fit_json in reports
+    test_report = read_metrics(next(r for r in reports if r != fit_json))
     assert test_report["checkpoint"] == str(last)
     assert check_test_metrics(test_report, 2) == fit_metrics
 
     # And the untrained model at that seed scores differently (the comparison is meaningful).
     untrained = tmp_path / "untrained"
     run_cli(
-        ["test", "--config", str(cfg), "--seed_everything=123"]
-        + [f"--trainer.logger.init_args.save_dir={untrained}"]
+        [
+            "test",
+            "--config",
+            str(cfg),
+            "--seed_everything=123",
+            f"--trainer.logger.init_args.save_dir={untrained}",
+        ]
     )
     untrained_metrics = read_metrics(only_file(untrained, "metrics.json"))["metrics"]
     assert untrained_metrics != fit_metrics
@@ -260,10 +288,18 @@ def test_test_from_checkpoint_reproduces_test_after_fit(tmp_path: Path) -> None:
 def _short_fit(tmp_path: Path, cfg: Path, seed: int, name: str) -> dict[str, float]:
     out = tmp_path / name
     run_cli(
-        ["fit", "--config", str(cfg), f"--seed_everything={seed}", "--test_after_fit=true"]
-        + [f"--trainer.default_root_dir={out}", "--trainer.enable_checkpointing=false"]
-        + ["--trainer.max_steps=2", "--trainer.limit_val_batches=0"]
-        + ["--trainer.limit_test_batches=2"]
+        [
+            "fit",
+            "--config",
+            str(cfg),
+            f"--seed_everything={seed}",
+            "--test_after_fit=true",
+            f"--trainer.default_root_dir={out}",
+            "--trainer.enable_checkpointing=false",
+            "--trainer.max_steps=2",
+            "--trainer.limit_val_batches=0",
+            "--trainer.limit_test_batches=2",
+        ]
     )
     return check_test_metrics(read_metrics(only_file(out, "metrics.json")), 2)
 
@@ -346,15 +382,28 @@ def test_checkpoint_with_other_num_members_is_rejected(
     config["trainer"]["callbacks"] = [checkpoint_callback(tmp_path / "ckpt")]
     cfg = write_config(tmp_path / "config.yaml", config)
     run_cli(
-        ["fit", "--config", str(cfg), f"--trainer.default_root_dir={tmp_path / 'fit'}"]
-        + ["--trainer.max_steps=1", "--trainer.limit_val_batches=0"]
+        [
+            "fit",
+            "--config",
+            str(cfg),
+            f"--trainer.default_root_dir={tmp_path / 'fit'}",
+            "--trainer.max_steps=1",
+            "--trainer.limit_val_batches=0",
+        ]
     )
     last = tmp_path / "ckpt" / "last.ckpt"
     assert last.is_file()
     capsys.readouterr()
     err = run_cli_error(
-        ["test", "--config", str(cfg), "--model.method.init_args.num_members=3"]
-        + ["--ckpt_path", str(last), f"--trainer.default_root_dir={tmp_path / 'test'}"],
+        [
+            "test",
+            "--config",
+            str(cfg),
+            "--model.method.init_args.num_members=3",
+            "--ckpt_path",
+            str(last),
+            f"--trainer.default_root_dir={tmp_path / 'test'}",
+        ],
         capsys,
     )
     assert "lorae: error:" in err
@@ -369,11 +418,20 @@ def test_checkpoint_with_other_num_members_is_rejected(
 
 def test_quickstart_as_in_readme(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(REPO_ROOT)
+    default_runs = REPO_ROOT / "runs"  # the config's own save_dir; the override must win
+    before = sorted(default_runs.rglob("*")) if default_runs.exists() else []
     run_cli(
-        ["fit", "--config", "configs/quickstart.yaml", "--trainer.max_epochs=1"]
-        + ["--trainer.limit_train_batches=2", "--trainer.limit_val_batches=1"]
-        + ["--trainer.limit_test_batches=1", f"--trainer.logger.init_args.save_dir={tmp_path}"]
-        + ["--trainer.enable_progress_bar=false"]
+        [
+            "fit",
+            "--config",
+            "configs/quickstart.yaml",
+            "--trainer.max_epochs=1",
+            "--trainer.limit_train_batches=2",
+            "--trainer.limit_val_batches=1",
+            "--trainer.limit_test_batches=1",
+            f"--trainer.logger.init_args.save_dir={tmp_path}",
+            "--trainer.enable_progress_bar=false",
+        ]
     )
     report = read_metrics(only_file(tmp_path, "metrics.json"))
     check_test_metrics(report, 4)
@@ -381,6 +439,8 @@ def test_quickstart_as_in_readme(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     assert report["checkpoint"] is not None
     assert Path(report["checkpoint"]).resolve().is_relative_to(tmp_path.resolve())
     assert (tmp_path / "quickstart").is_dir()
+    after = sorted(default_runs.rglob("*")) if default_runs.exists() else []
+    assert after == before
 
 
 def test_python_m_lorae_help() -> None:

@@ -358,3 +358,13 @@ def test_text_bad_tokenizer_path(glue_root: Path, tmp_path: Path) -> None:
 def test_text_invalid_val_fraction(glue_root: Path, tokenizer_dir: Path) -> None:
     with pytest.raises(ConfigError, match=r"val_fraction must be a number in \[0, 1\)"):
         text_module(glue_root, tokenizer_dir, val_fraction=2)
+
+
+def test_image_folder_takes_preprocessing_from_the_backbone(tmp_path: Path) -> None:
+    root = write_image_folder(tmp_path / "images")
+    timm_module = ImageFolderDataModule(str(root), backbone="vit_base_patch32_224")
+    assert (timm_module.image_size, timm_module.mean) == (224, (0.5, 0.5, 0.5))
+    tv_module = ImageFolderDataModule(str(root), backbone="vit_b_32", image_size=32)
+    assert (tv_module.image_size, tv_module.mean) == (32, (0.485, 0.456, 0.406))
+    with pytest.raises(ConfigError, match="not a known vision backbone"):
+        ImageFolderDataModule(str(root), backbone="bert-base-uncased")

@@ -72,6 +72,11 @@ def main(args: list[str] | None = None) -> None:
             trainer_defaults={"gradient_clip_val": 1.0},
             args=args,
             auto_configure_optimizers=False,
+            parser_kwargs={
+                "description": "lorae: LoRA-Ensemble, calibrated uncertainty from one frozen "
+                "transformer. Subcommands: fit, validate, test, predict; each takes "
+                "--config FILE and any option as --key=value (see --help of a subcommand)."
+            },
         )
     except Exception as error:
         # jsonargparse re-raises errors from building a subclass-typed argument (the data

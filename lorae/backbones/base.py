@@ -8,7 +8,7 @@ from typing import Any, TypeAlias
 
 from torch import Tensor, nn
 
-from lorae.errors import WeightsNotFoundError
+from lorae.errors import ConfigError, WeightsNotFoundError
 from lorae.lora.targets import BackboneFamily
 
 #: A batch of model inputs: an image tensor ``(B, ...)`` or named text tensors ``(B, T)``.
@@ -42,6 +42,28 @@ class Backbone(nn.Module):
     def forward(self, x: Inputs) -> Tensor:
         """Shape: ``(B, ...) -> (B, D)``."""
         raise NotImplementedError
+
+
+def image_batch(x: Inputs, name: str) -> Tensor:
+    """``x`` as an image tensor, or a clear error when a text batch reached a vision backbone."""
+    if not isinstance(x, Tensor):
+        raise ConfigError(
+            f"Backbone {name!r} takes image tensors but the data module yields token "
+            f"tensors ({sorted(x)}): use a text backbone (e.g. bert-base-uncased) with text "
+            "data, or an image data module with a vision backbone."
+        )
+    return x
+
+
+def token_batch(x: Inputs, name: str) -> Mapping[str, Tensor]:
+    """``x`` as named token tensors, or a clear error when images reached a text backbone."""
+    if isinstance(x, Tensor):
+        raise ConfigError(
+            f"Backbone {name!r} takes token tensors but the data module yields a tensor of "
+            f"shape {tuple(x.shape)}: use TextClassificationDataModule with a text backbone, "
+            "or a vision backbone (e.g. vit_b_32) with image data."
+        )
+    return x
 
 
 def local_weights_path(name: str, pretrained: str, expect_dir: bool) -> Path:

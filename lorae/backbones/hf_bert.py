@@ -14,6 +14,7 @@ from lorae.backbones.base import (
     download_failed,
     local_weights_path,
     merged_overrides,
+    token_batch,
 )
 from lorae.errors import ConfigError
 
@@ -72,11 +73,11 @@ class HFBert(Backbone):
         self.pooling = pooling
 
     def forward(self, x: Inputs) -> Tensor:
-        assert not isinstance(x, Tensor), "BERT expects a dict of token tensors"
-        hidden = self.model(**x).last_hidden_state  # (B, T, D)
+        tokens = token_batch(x, "BERT")
+        hidden = self.model(**tokens).last_hidden_state  # (B, T, D)
         if self.pooling == "cls":
             return hidden[:, 0]
-        mask = x["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+        mask = tokens["attention_mask"].unsqueeze(-1).to(hidden.dtype)
         return (hidden * mask).sum(1) / mask.sum(1).clamp_min(1.0)
 
 

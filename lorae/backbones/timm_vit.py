@@ -13,6 +13,7 @@ from lorae.backbones.base import (
     Inputs,
     Pretrained,
     download_failed,
+    image_batch,
     local_weights_path,
     merged_overrides,
 )
@@ -34,8 +35,7 @@ class TimmViT(Backbone):
     """
 
     def forward(self, x: Inputs) -> Tensor:
-        assert isinstance(x, Tensor), "timm ViT expects an image tensor"
-        return self.model(x)
+        return self.model(image_batch(x, "timm ViT"))
 
 
 def build_timm_vit(

@@ -15,6 +15,7 @@ from lorae.backbones.base import (
     Inputs,
     Pretrained,
     download_failed,
+    image_batch,
     local_weights_path,
     merged_overrides,
 )
@@ -69,8 +70,7 @@ class TorchvisionViT(Backbone):
     """
 
     def forward(self, x: Inputs) -> Tensor:
-        assert isinstance(x, Tensor), "torchvision ViT expects an image tensor"
-        return self.model(x)
+        return self.model(image_batch(x, "torchvision ViT"))
 
 
 def _load_state_dict(path: str) -> dict[str, Tensor]:

@@ -14,11 +14,11 @@ from typing import Any
 import yaml
 
 from tests.fixtures.builders import (
-    TINY_VOCAB_SIZE,
     write_glue_tsv,
     write_image_folder,
     write_tiny_tokenizer,
 )
+from tests.fixtures.models import TINY_BACKBONES
 
 __all__ = [
     "DIGITS_NUM_CLASSES",
@@ -48,22 +48,8 @@ TIMM_DIGITS_OVERRIDES: dict[str, Any] = {
     "depth": 2,
     "num_heads": 2,
 }
-TORCHVISION_TINY_OVERRIDES: dict[str, Any] = {
-    "image_size": 16,
-    "patch_size": 8,
-    "num_layers": 2,
-    "num_heads": 2,
-    "hidden_dim": 16,
-    "mlp_dim": 32,
-}
-BERT_TINY_OVERRIDES: dict[str, Any] = {
-    "hidden_size": 16,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 2,
-    "intermediate_size": 32,
-    "vocab_size": TINY_VOCAB_SIZE,
-    "max_position_embeddings": 64,
-}
+TORCHVISION_TINY_OVERRIDES: dict[str, Any] = TINY_BACKBONES["torchvision_vit"][1]
+BERT_TINY_OVERRIDES: dict[str, Any] = TINY_BACKBONES["hf_bert"][1]
 
 
 def quiet_trainer(**overrides: Any) -> dict[str, Any]:

@@ -128,3 +128,12 @@ def test_torchvision_weights_of_another_architecture_are_a_clear_error(tmp_path:
     torch.save(other.state_dict(), path)
     with pytest.raises(ConfigError, match="do not fit backbone 'vit_b_32'"):
         create_backbone(name, str(path), overrides)
+
+
+def test_wrong_input_kind_is_a_clear_error() -> None:
+    vit_name, vit_overrides = TINY_BACKBONES["torchvision_vit"]
+    with pytest.raises(ConfigError, match="takes image tensors"):
+        create_backbone(vit_name, False, vit_overrides)(tiny_inputs("hf_bert", 2))
+    bert_name, bert_overrides = TINY_BACKBONES["hf_bert"]
+    with pytest.raises(ConfigError, match="takes token tensors"):
+        create_backbone(bert_name, False, bert_overrides)(tiny_inputs("timm_vit", 2))

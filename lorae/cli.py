@@ -32,6 +32,18 @@ class LoraeCLI(LightningCLI):
         )
         parser.add_lightning_class_args(PredictionWriter, "prediction_writer")
 
+    def before_instantiate_classes(self) -> None:
+        """Evaluating a checkpoint needs no pretrained download: the checkpoint holds every
+        weight, the frozen backbone included, so the backbone is built randomly initialised
+        and then overwritten. This keeps `lorae test` working on machines without internet.
+        """
+        config = self.config[self.subcommand]
+        if self.subcommand == "fit" or not config.get("ckpt_path"):
+            return
+        init_args = config.model.method.get("init_args")
+        if init_args is not None and init_args.get("pretrained") not in (None, False):
+            init_args.pretrained = False
+
     def after_fit(self) -> None:
         if not self.config[self.subcommand].get("test_after_fit"):
             return

@@ -413,6 +413,38 @@ def test_checkpoint_with_other_num_members_is_rejected(
     assert "Traceback" not in err
 
 
+def test_evaluating_a_checkpoint_loads_no_pretrained_weights(tmp_path: Path) -> None:
+    """`pretrained` points nowhere, as on an offline node: the checkpoint supplies the weights."""
+    config = digits_lora_config(num_members=2)
+    config["trainer"]["callbacks"] = [checkpoint_callback(tmp_path / "ckpt")]
+    cfg = write_config(tmp_path / "config.yaml", config)
+    run_cli(
+        [
+            "fit",
+            "--config",
+            str(cfg),
+            f"--trainer.default_root_dir={tmp_path / 'fit'}",
+            "--trainer.max_steps=1",
+            "--trainer.limit_val_batches=0",
+        ]
+    )
+    unreachable = ["--model.method.init_args.pretrained", str(tmp_path / "missing.safetensors")]
+    run_cli(
+        [
+            "test",
+            "--config",
+            str(cfg),
+            *unreachable,
+            "--ckpt_path",
+            str(tmp_path / "ckpt" / "last.ckpt"),
+            f"--trainer.default_root_dir={tmp_path / 'test'}",
+        ]
+    )
+    check_test_metrics(read_metrics(only_file(tmp_path / "test", "metrics.json")), 2)
+    with pytest.raises(SystemExit):  # fitting does need them
+        run_cli(["fit", "--config", str(cfg), *unreachable, *FAST])
+
+
 # ------------------------------------------------------------------------ 6. quickstart
 
 

@@ -111,4 +111,7 @@ def build_hf_bert(
                 "tokenizer files, e.g. with `huggingface-cli download`)",
                 "`pretrained: /path/to/folder` (the same folder serves as `data.tokenizer`)",
             ) from error
+    # from_pretrained returns the model in eval mode, and Lightning keeps submodules in the
+    # mode it finds them: without this, fine-tuning would silently run without dropout.
+    model.train()
     return HFBert(model, int(model.config.hidden_size), pooling)

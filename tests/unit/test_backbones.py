@@ -23,6 +23,7 @@ def test_features_shape_and_family(family: str) -> None:
     assert backbone.family == family
     assert backbone(tiny_inputs(family, 3)).shape == (3, backbone.feature_dim)
     assert backbone.feature_dim == 16
+    assert all(module.training for module in backbone.modules())
 
 
 def test_timm_deit_and_tagged_names_are_accepted() -> None:
@@ -77,6 +78,8 @@ def test_bert_loads_local_folder(tmp_path: Path) -> None:
     source.model.save_pretrained(tmp_path / "bert")
     loaded = create_backbone(name, str(tmp_path / "bert"))
     assert _same_weights(loaded.model, source.model)
+    # Loaded weights come in train mode like every new module (HF returns eval mode).
+    assert all(module.training for module in loaded.modules())
 
 
 @pytest.mark.parametrize("family", FAMILIES)

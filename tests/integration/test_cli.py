@@ -375,10 +375,9 @@ def test_missing_image_folder_names_the_path(
     assert "does not exist" in err
 
 
-def test_checkpoint_with_other_num_members_is_rejected(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
-    config = digits_lora_config(num_members=2)
+def fit_one_step_checkpoint(tmp_path: Path, num_members: int) -> tuple[Path, Path]:
+    """Fit a tiny digits LoRA-Ensemble for one step; return its config and ``last.ckpt``."""
+    config = digits_lora_config(num_members=num_members)
     config["trainer"]["callbacks"] = [checkpoint_callback(tmp_path / "ckpt")]
     cfg = write_config(tmp_path / "config.yaml", config)
     run_cli(
@@ -393,6 +392,13 @@ def test_checkpoint_with_other_num_members_is_rejected(
     )
     last = tmp_path / "ckpt" / "last.ckpt"
     assert last.is_file()
+    return cfg, last
+
+
+def test_checkpoint_with_other_num_members_is_rejected(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    cfg, last = fit_one_step_checkpoint(tmp_path, num_members=2)
     capsys.readouterr()
     err = run_cli_error(
         [
@@ -415,19 +421,7 @@ def test_checkpoint_with_other_num_members_is_rejected(
 
 def test_evaluating_a_checkpoint_loads_no_pretrained_weights(tmp_path: Path) -> None:
     """`pretrained` points nowhere, as on an offline node: the checkpoint supplies the weights."""
-    config = digits_lora_config(num_members=2)
-    config["trainer"]["callbacks"] = [checkpoint_callback(tmp_path / "ckpt")]
-    cfg = write_config(tmp_path / "config.yaml", config)
-    run_cli(
-        [
-            "fit",
-            "--config",
-            str(cfg),
-            f"--trainer.default_root_dir={tmp_path / 'fit'}",
-            "--trainer.max_steps=1",
-            "--trainer.limit_val_batches=0",
-        ]
-    )
+    cfg, last = fit_one_step_checkpoint(tmp_path, num_members=2)
     unreachable = ["--model.method.init_args.pretrained", str(tmp_path / "missing.safetensors")]
     run_cli(
         [
@@ -436,7 +430,7 @@ def test_evaluating_a_checkpoint_loads_no_pretrained_weights(tmp_path: Path) -> 
             str(cfg),
             *unreachable,
             "--ckpt_path",
-            str(tmp_path / "ckpt" / "last.ckpt"),
+            str(last),
             f"--trainer.default_root_dir={tmp_path / 'test'}",
         ]
     )

@@ -194,6 +194,26 @@ def test_fit_fast_dev_run_trains_and_tests(setup_name: str, tmp_path: Path) -> N
 
 
 @pytest.mark.parametrize("setup_name", SETUPS)
+def test_bf16_mixed_precision_fits_and_tests(setup_name: str, tmp_path: Path) -> None:
+    """The README's `--trainer.precision=bf16-mixed` works for every backbone family on CPU."""
+    setup = make_setup(setup_name, tmp_path)
+    cfg = write_config(tmp_path / "config.yaml", setup.config)
+    out = tmp_path / "run"
+    run_cli(
+        [
+            "fit",
+            "--config",
+            str(cfg),
+            *FAST,
+            "--trainer.precision=bf16-mixed",
+            f"--trainer.default_root_dir={out}",
+            "--test_after_fit=true",
+        ]
+    )
+    check_test_metrics(read_metrics(only_file(out, "metrics.json")), setup.num_members)
+
+
+@pytest.mark.parametrize("setup_name", SETUPS)
 def test_test_fast_dev_run_writes_metrics(setup_name: str, tmp_path: Path) -> None:
     setup = make_setup(setup_name, tmp_path)
     cfg = write_config(tmp_path / "config.yaml", setup.config)

@@ -172,8 +172,10 @@ SETUPS = (
 # ------------------------------------------------------------------ 1. fit / test / predict
 
 
+@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
 @pytest.mark.parametrize("setup_name", SETUPS)
-def test_fit_fast_dev_run_trains_and_tests(setup_name: str, tmp_path: Path) -> None:
+def test_fit_fast_dev_run_trains_and_tests(setup_name: str, precision: str, tmp_path: Path) -> None:
+    """fit + test for every backbone family, in float32 and in the README's bf16-mixed."""
     setup = make_setup(setup_name, tmp_path)
     cfg = write_config(tmp_path / "config.yaml", setup.config)
     out = tmp_path / "run"
@@ -183,6 +185,7 @@ def test_fit_fast_dev_run_trains_and_tests(setup_name: str, tmp_path: Path) -> N
             "--config",
             str(cfg),
             *FAST,
+            f"--trainer.precision={precision}",
             f"--trainer.default_root_dir={out}",
             "--test_after_fit=true",
         ]
@@ -191,26 +194,6 @@ def test_fit_fast_dev_run_trains_and_tests(setup_name: str, tmp_path: Path) -> N
     report = read_metrics(only_file(out, "metrics.json"))
     check_test_metrics(report, setup.num_members)
     assert report["checkpoint"] is None
-
-
-@pytest.mark.parametrize("setup_name", SETUPS)
-def test_bf16_mixed_precision_fits_and_tests(setup_name: str, tmp_path: Path) -> None:
-    """The README's `--trainer.precision=bf16-mixed` works for every backbone family on CPU."""
-    setup = make_setup(setup_name, tmp_path)
-    cfg = write_config(tmp_path / "config.yaml", setup.config)
-    out = tmp_path / "run"
-    run_cli(
-        [
-            "fit",
-            "--config",
-            str(cfg),
-            *FAST,
-            "--trainer.precision=bf16-mixed",
-            f"--trainer.default_root_dir={out}",
-            "--test_after_fit=true",
-        ]
-    )
-    check_test_metrics(read_metrics(only_file(out, "metrics.json")), setup.num_members)
 
 
 @pytest.mark.parametrize("setup_name", SETUPS)

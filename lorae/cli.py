@@ -7,11 +7,13 @@ next to its logs; ``lorae predict`` writes per-sample predictions.
 
 from __future__ import annotations
 
+import argparse
 import sys
 from pathlib import Path
 
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
+from lorae import tools
 from lorae.data.base import ClassificationDataModule
 from lorae.errors import LoraeError
 from lorae.module import EnsembleClassifier
@@ -75,8 +77,18 @@ class LoraeCLI(LightningCLI):
 
 
 def main(args: list[str] | None = None) -> None:
-    """Entry point of the ``lorae`` console script and ``python -m lorae``."""
+    """Entry point of the ``lorae`` console script and ``python -m lorae``.
+
+    The first argument picks a Lightning subcommand (``fit``, ``validate``, ``test``,
+    ``predict``) or one of lorae's own tools (:data:`lorae.tools.TOOLS`).
+    """
+    argv = sys.argv[1:] if args is None else args
     try:
+        if argv and argv[0] in tools.TOOLS:
+            code = tools.resolve(argv[0])(argv[1:])
+            if code:
+                raise SystemExit(code)
+            return
         LoraeCLI(
             EnsembleClassifier,
             ClassificationDataModule,
@@ -88,6 +100,8 @@ def main(args: list[str] | None = None) -> None:
                 "description": "lorae: LoRA-Ensemble, calibrated uncertainty from one frozen "
                 "transformer. Subcommands: fit, validate, test, predict; each takes "
                 "--config FILE and any option as --key=value (see --help of a subcommand)."
+                + (f"\nTools (lorae TOOL --help):\n{tools.describe()}" if tools.TOOLS else ""),
+                "formatter_class": argparse.RawDescriptionHelpFormatter,
             },
         )
     except Exception as error:

@@ -128,6 +128,10 @@ class EnsembleClassifier(pl.LightningModule):
             "probs": log_probs.exp(),
         }
 
+    def configure_callbacks(self) -> list[pl.Callback]:
+        """The method's own callbacks (see :meth:`EnsembleMethod.callbacks`)."""
+        return self.method.callbacks()
+
     def configure_optimizers(self) -> Any:
         params = [p for p in self.parameters() if p.requires_grad]
         optimizer = self.optimizer(params)

@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import abc
 from collections.abc import Callable, Sequence
-from typing import Any, TypeVar
+from dataclasses import dataclass
+from typing import Any, Literal, TypeVar
 
 import lightning.pytorch as pl
 import torch
@@ -24,7 +25,13 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from lorae.errors import ConfigError
 
-__all__ = ["ClassificationDataModule", "TransformedDataset", "seeded_split", "split_indices"]
+__all__ = [
+    "ClassificationDataModule",
+    "EvaluationSet",
+    "TransformedDataset",
+    "seeded_split",
+    "split_indices",
+]
 
 T = TypeVar("T")
 
@@ -134,6 +141,23 @@ class TransformedDataset(Dataset[tuple[Any, Any]]):
         return inputs, target
 
 
+@dataclass(frozen=True)
+class EvaluationSet:
+    """An extra data set evaluated by ``lorae test`` next to the test split (paper section 3).
+
+    Attributes:
+        name: Unique name used in metric keys, e.g. ``"svhn"`` or ``"gaussian_noise/3"``.
+        kind: ``"ood"``: out-of-distribution samples (their targets are ignored); scored
+            against the in-distribution test split by AUROC/AUPRC. ``"shift"``: the test
+            task under a distribution shift (same classes); scored with the usual metrics.
+        dataset: Yields ``(input, target)`` exactly like the test split (same transforms).
+    """
+
+    name: str
+    kind: Literal["ood", "shift"]
+    dataset: Dataset[Any]
+
+
 class ClassificationDataModule(pl.LightningDataModule, abc.ABC):
     """Base of every classification data module: splits, caching and dataloaders.
 
@@ -183,6 +207,7 @@ class ClassificationDataModule(pl.LightningDataModule, abc.ABC):
             raise ConfigError(f"seed must be an integer, got {seed!r}.")
         self.seed = seed
         self._datasets: tuple[Dataset[Any], Dataset[Any], Dataset[Any]] | None = None
+        self._evaluation_sets: list[EvaluationSet] | None = None
 
     # ------------------------------------------------------------------ subclass interface
 
@@ -203,6 +228,14 @@ class ClassificationDataModule(pl.LightningDataModule, abc.ABC):
         Each dataset yields ``(input, target)`` samples with an int ``target`` in
         ``[0, num_classes)``.
         """
+
+    def build_evaluation_sets(self) -> list[EvaluationSet]:
+        """Extra out-of-distribution and shifted test sets; none by default.
+
+        Called once, when the test dataloaders are first requested. ``test_dataloader``
+        returns the test split first and these sets after it, in this order.
+        """
+        return []
 
     @property
     def collate_fn(self) -> CollateFn | None:
@@ -273,9 +306,21 @@ class ClassificationDataModule(pl.LightningDataModule, abc.ABC):
         """Validation batches in a fixed order."""
         return self._loader(self.val_dataset, self.eval_batch_size)
 
-    def test_dataloader(self) -> DataLoader[Any]:
-        """Test batches in a fixed order."""
-        return self._loader(self.test_dataset, self.eval_batch_size)
+    @property
+    def evaluation_sets(self) -> list[EvaluationSet]:
+        """The extra test sets of :meth:`build_evaluation_sets` (built on first access)."""
+        if self._evaluation_sets is None:
+            self._evaluation_sets = self.build_evaluation_sets()
+        return self._evaluation_sets
+
+    def test_dataloader(self) -> DataLoader[Any] | list[DataLoader[Any]]:
+        """Test batches in a fixed order; with evaluation sets, a list: the test split first,
+        then one loader per :attr:`evaluation_sets` entry (``dataloader_idx = 1 + i``)."""
+        test = self._loader(self.test_dataset, self.eval_batch_size)
+        if not self.evaluation_sets:
+            return test
+        extra = [self._loader(s.dataset, self.eval_batch_size) for s in self.evaluation_sets]
+        return [test, *extra]
 
     def predict_dataloader(self) -> DataLoader[Any]:
         """The test split in a fixed order (targets included)."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from lightning.pytorch import Callback
 from torch import Tensor, nn
 
 from lorae.backbones.base import Inputs
@@ -42,6 +43,14 @@ class EnsembleMethod(nn.Module):
 
     def forward(self, x: Inputs) -> Tensor:
         raise NotImplementedError
+
+    def callbacks(self) -> list[Callback]:
+        """Lightning callbacks the method needs (e.g. a snapshot schedule); none by default.
+
+        :class:`~lorae.module.EnsembleClassifier` returns them from ``configure_callbacks``,
+        so a method brings its own training-loop behaviour without a config entry.
+        """
+        return []
 
     def identity(self) -> dict[str, Any]:
         """Settings a checkpoint must share with the config to be loadable into this method.

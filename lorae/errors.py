@@ -26,3 +26,8 @@ class WeightsNotFoundError(LoraeError, FileNotFoundError):
 
 class CheckpointMismatchError(LoraeError, ValueError):
     """A checkpoint was trained with settings that differ from the current configuration."""
+
+
+class CorruptSampleError(LoraeError, ValueError):
+    """A data file (image, WAV, TSV row ...) cannot be read; the message names the file and,
+    for text files, the line."""

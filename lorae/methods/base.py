@@ -9,6 +9,7 @@ from lightning.pytorch import Callback
 from torch import Tensor, nn
 
 from lorae.backbones.base import Inputs
+from lorae.errors import ConfigError
 
 
 def repeat_members(x: Inputs, num_members: int) -> Inputs:
@@ -51,6 +52,23 @@ class EnsembleMethod(nn.Module):
         so a method brings its own training-loop behaviour without a config entry.
         """
         return []
+
+    def member_weights(self) -> dict[str, tuple[Tensor, Tensor]]:
+        """Weights for the weight-space analysis (paper section 4, appendix D).
+
+        Returns:
+            ``{"<block>.<projection>": (reference, members)}`` for every attention projection
+            (``projection`` in q, k, v, o) the method makes member-specific: ``reference`` the
+            pretrained weight ``(D_out, D_in)`` the members started from, ``members`` each
+            member's effective weight ``(M, D_out, D_in)``.
+
+        Raises:
+            ConfigError: the method has no member-specific projection weights.
+        """
+        raise ConfigError(
+            f"{type(self).__name__} has no member-specific attention weights to analyse; "
+            "weight-space analysis supports methods that override member_weights()."
+        )
 
     def identity(self) -> dict[str, Any]:
         """Settings a checkpoint must share with the config to be loadable into this method.

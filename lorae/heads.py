@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import math
+from typing import Literal
 
 import torch
 from torch import Tensor, nn
+
+from lorae.errors import ConfigError
 
 
 class EnsembleHead(nn.Module):
@@ -28,10 +31,14 @@ class EnsembleHead(nn.Module):
 
     def __init__(self, num_members: int, in_features: int, num_classes: int) -> None:
         super().__init__()
-        self.num_members = num_members
         self.weight = nn.Parameter(torch.empty(num_members, num_classes, in_features))
         self.bias = nn.Parameter(torch.empty(num_members, num_classes))
         self.reset_parameters()
+
+    @property
+    def num_members(self) -> int:
+        """M, read from the weight (``functional_call`` may pass other stacked heads)."""
+        return int(self.weight.shape[0])
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
@@ -48,3 +55,33 @@ class EnsembleHead(nn.Module):
             )
         x = features.reshape(m, -1, features.shape[-1])  # (M, B, D)
         return torch.baddbmm(self.bias.unsqueeze(1), x, self.weight.transpose(1, 2).to(x.dtype))
+
+
+HeadKind = Literal["member", "shared"]
+
+
+class SharedHead(nn.Module):
+    """One linear classifier shared by all members (paper Tab. 13, "shared head"): members
+    differ only through the backbone, still leaving as ``(M, B, C)``.
+
+    Shape:
+        input ``(M*B, D)`` member-major -> output ``(M, B, C)``
+    """
+
+    def __init__(self, num_members: int, in_features: int, num_classes: int) -> None:
+        super().__init__()
+        self.num_members = num_members
+        self.linear = EnsembleHead(1, in_features, num_classes)
+
+    def forward(self, features: Tensor) -> Tensor:
+        logits = self.linear(features)[0]  # (M*B, C)
+        return logits.reshape(self.num_members, -1, logits.shape[-1])
+
+
+def make_head(kind: HeadKind, num_members: int, in_features: int, num_classes: int) -> nn.Module:
+    """``"member"``: M independent heads (the paper's default); ``"shared"``: one head."""
+    if kind == "member":
+        return EnsembleHead(num_members, in_features, num_classes)
+    if kind == "shared":
+        return SharedHead(num_members, in_features, num_classes)
+    raise ConfigError(f"head must be 'member' or 'shared', got {kind!r}.")

@@ -122,13 +122,18 @@ class LoRAEnsembleLinear(nn.Module):
         """Freeze ``base``; create ``A (M, *a_shape, D_in)`` (drawn) and ``B (M, *b_shape)`` = 0."""
         _check_lora_args(num_members, rank, init)
         self.base = base.requires_grad_(False)
-        self.num_members = num_members
         self.rank = rank
         self.scale = lora_scale(rank, alpha)
         weight = base.weight
         self.A = nn.Parameter(weight.new_empty(num_members, *a_shape, base.in_features))
         self.B = nn.Parameter(weight.new_zeros(num_members, *b_shape))
         init_lora_a(self.A, init, init_gain, init_std)
+
+    @property
+    def num_members(self) -> int:
+        """M, read from ``A`` so that ``torch.func.functional_call`` with other stacked factors
+        (posterior samples, snapshots) runs that many members."""
+        return int(self.A.shape[0])
 
     def down_projection(self) -> Tensor:
         """The ``A`` factors stacked along the rank axis. Shape: ``(M, P*R, D_in)``, P = 1 here."""

@@ -36,10 +36,16 @@ class FamilyTargets:
     Attributes:
         linear: projection key -> full-match regex of the ``nn.Linear`` modules it names.
         fused_qkv: full-match regex of fused ``D -> 3D`` q/k/v linears, or ``None``.
+        embedding: full-match regex of the input embedding module (patch embedding /
+            "tokenizer", or the token embeddings), which some variants train.
+        block: regex matching the start of every parameter name inside transformer block k
+            (group 1 is k), for per-block options such as weight noise on the last blocks.
         prepare: optional in-place rewrite run before matching (returns what it replaced).
     """
 
     linear: Mapping[str, str]
+    embedding: str
+    block: str
     fused_qkv: str | None = None
     prepare: Callable[[nn.Module], list[str]] | None = field(default=None, compare=False)
 
@@ -47,10 +53,14 @@ class FamilyTargets:
 TARGETS: dict[str, FamilyTargets] = {
     "timm_vit": FamilyTargets(
         fused_qkv=r"blocks\.(\d+)\.attn\.qkv",
+        embedding=r"patch_embed",
+        block=r"blocks\.(\d+)\.",
         linear={"o": r"blocks\.(\d+)\.attn\.proj", "mlp": r"blocks\.(\d+)\.mlp\.fc[12]"},
     ),
     "torchvision_vit": FamilyTargets(
         fused_qkv=r"encoder\.layers\.encoder_layer_(\d+)\.self_attention\.qkv",
+        embedding=r"conv_proj",
+        block=r"encoder\.layers\.encoder_layer_(\d+)\.",
         linear={
             "o": r"encoder\.layers\.encoder_layer_(\d+)\.self_attention\.proj",
             "mlp": r"encoder\.layers\.encoder_layer_(\d+)\.mlp\.[03]",
@@ -58,6 +68,8 @@ TARGETS: dict[str, FamilyTargets] = {
         prepare=replace_multihead_attention,
     ),
     "hf_bert": FamilyTargets(
+        embedding=r"embeddings",
+        block=r"encoder\.layer\.(\d+)\.",
         linear={
             "q": r"encoder\.layer\.(\d+)\.attention\.self\.query",
             "k": r"encoder\.layer\.(\d+)\.attention\.self\.key",

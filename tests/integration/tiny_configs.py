@@ -27,6 +27,7 @@ __all__ = [
     "IMAGE_PER_CLASS",
     "checkpoint_callback",
     "digits_lora_config",
+    "digits_method_config",
     "digits_single_config",
     "glue_bert_config",
     "image_folder_config",
@@ -132,6 +133,28 @@ def digits_single_config(seed: int = 0) -> dict[str, Any]:
             "backbone": "vit_tiny_patch16_224",
             "pretrained": False,
             "backbone_overrides": dict(TIMM_DIGITS_OVERRIDES),
+        },
+    }
+    return {
+        "seed_everything": seed,
+        "trainer": quiet_trainer(),
+        "model": _model(method),
+        "data": _digits_data(),
+    }
+
+
+def digits_method_config(
+    class_name: str, init_args: dict[str, Any], seed: int = 0
+) -> dict[str, Any]:
+    """Any ``lorae.methods`` class on a tiny timm ViT and the digits; ``init_args`` are the
+    method's own options (backbone, ``pretrained: false`` and the tiny overrides are added)."""
+    method = {
+        "class_path": f"lorae.methods.{class_name}",
+        "init_args": {
+            "backbone": "vit_tiny_patch16_224",
+            "pretrained": False,
+            "backbone_overrides": dict(TIMM_DIGITS_OVERRIDES),
+            **init_args,
         },
     }
     return {

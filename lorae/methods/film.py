@@ -1,0 +1,94 @@
+"""FiLM-Ensemble for transformers (Turkoglu et al. 2022; paper appendix V)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lorae.backbones import create_backbone
+from lorae.backbones.base import Inputs, Pretrained
+from lorae.errors import ConfigError
+from lorae.heads import EnsembleHead
+from lorae.methods.base import EnsembleMethod, repeat_members
+
+
+class MemberLayerNorm(nn.Module):
+    """LayerNorm whose affine scale and shift are member-specific (feature-wise linear
+    modulation): ``y_i = gamma_i ∘ norm(x) + beta_i``.
+
+    Initialised around the pretrained affine parameters: ``gamma_i = gamma + sigma eps``,
+    ``beta_i = beta + sigma eps'`` with independent ``eps, eps' ~ N(0, 1)`` per member.
+
+    Shape:
+        - weight, bias: ``(M, D)``
+        - input ``(M*B, ..., D)`` member-major, output the same shape
+    """
+
+    def __init__(self, norm: nn.LayerNorm, num_members: int, init_std: float) -> None:
+        super().__init__()
+        if len(norm.normalized_shape) != 1 or norm.weight is None or norm.bias is None:
+            raise ConfigError("FiLM-Ensemble needs affine LayerNorms over the last axis.")
+        self.eps = norm.eps
+        weight, bias = norm.weight.detach(), norm.bias.detach()
+        self.weight = nn.Parameter(weight.repeat(num_members, 1))
+        self.bias = nn.Parameter(bias.repeat(num_members, 1))
+        with torch.no_grad():
+            self.weight.add_(torch.randn_like(self.weight), alpha=init_std)
+            self.bias.add_(torch.randn_like(self.bias), alpha=init_std)
+
+    def forward(self, x: Tensor) -> Tensor:
+        m, d = self.weight.shape
+        normed = F.layer_norm(x, (d,), eps=self.eps).view(m, -1, d)
+        out = normed * self.weight.unsqueeze(1).to(normed.dtype) + self.bias.unsqueeze(1)
+        return out.view(x.shape).to(normed.dtype)
+
+
+class FiLMEnsemble(EnsembleMethod):
+    """Members share the frozen backbone and differ only in every LayerNorm's affine
+    parameters (and their heads), run in one batched pass.
+
+    Args:
+        num_classes: C (linked from the data module by the CLI).
+        backbone: a registered backbone name.
+        num_members: M.
+        init_std: spread sigma of the members' scale and shift around the pretrained values.
+        pretrained: ``True`` (download), ``False`` (random) or a local weights path.
+        backbone_overrides: architecture arguments for the backbone constructor.
+
+    Shape:
+        inputs ``(B, ...)`` -> logits ``(M, B, C)``
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        backbone: str,
+        num_members: int = 16,
+        init_std: float = 0.05,
+        pretrained: Pretrained = True,
+        backbone_overrides: Mapping[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        self.num_classes = num_classes
+        self.num_members = num_members
+        self.backbone_name = backbone
+        self.backbone = create_backbone(backbone, pretrained, backbone_overrides)
+        self.backbone.requires_grad_(False)
+        names = [n for n, m in self.backbone.named_modules() if isinstance(m, nn.LayerNorm)]
+        if not names:
+            raise ConfigError(f"Backbone {backbone!r} has no LayerNorm for FiLM-Ensemble.")
+        for name in names:
+            parent_name, _, child = name.rpartition(".")
+            parent = self.backbone.get_submodule(parent_name)
+            setattr(parent, child, MemberLayerNorm(getattr(parent, child), num_members, init_std))
+        self.head = EnsembleHead(num_members, self.backbone.feature_dim, num_classes)
+
+    def forward(self, x: Inputs) -> Tensor:
+        return self.head(self.backbone(repeat_members(x, self.num_members)))
+
+    def identity(self) -> dict[str, Any]:
+        return {**super().identity(), "backbone": self.backbone_name}

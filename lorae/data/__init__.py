@@ -12,13 +12,22 @@ from lorae.data.base import (
     seeded_split,
     split_indices,
 )
+from lorae.data.cifar import CIFAR10DataModule, CIFAR100DataModule
 from lorae.data.digits import DigitsDataModule
+from lorae.data.esc50 import ESC50DataModule
+from lorae.data.ham10000 import HAM10000DataModule
 from lorae.data.image_folder import ImageFolderDataModule
+from lorae.data.inaturalist import INaturalist2017DataModule
 from lorae.data.text import TextClassificationDataModule
 
 __all__ = [
+    "CIFAR10DataModule",
+    "CIFAR100DataModule",
     "ClassificationDataModule",
     "DigitsDataModule",
+    "ESC50DataModule",
+    "HAM10000DataModule",
+    "INaturalist2017DataModule",
     "ImageFolderDataModule",
     "TextClassificationDataModule",
     "TransformedDataset",

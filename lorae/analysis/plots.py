@@ -1,0 +1,150 @@
+"""Figures of the evaluation (paper Fig. 2-8, 12-14), drawn with matplotlib.
+
+matplotlib is an optional extra (``pip install 'lorae[plots]'``); :func:`require_pyplot` imports
+it on first use with the non-interactive ``Agg`` backend and raises a clear error without it.
+Every function returns a :class:`matplotlib.figure.Figure`; :func:`save_figure` writes PNGs.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from lorae.errors import ConfigError
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+__all__ = [
+    "ensemble_size_figure",
+    "heatmap_figure",
+    "matplotlib_available",
+    "require_pyplot",
+    "save_figure",
+    "scatter_figure",
+    "singular_values_figure",
+]
+
+
+def matplotlib_available() -> bool:
+    """Whether the ``plots`` extra (matplotlib) is installed."""
+    return importlib.util.find_spec("matplotlib") is not None
+
+
+def require_pyplot() -> Any:
+    """``matplotlib.pyplot`` with the file-only ``Agg`` backend.
+
+    Raises:
+        ConfigError: matplotlib is not installed.
+    """
+    if not matplotlib_available():
+        raise ConfigError(
+            "Plots need matplotlib, which is not installed. Install the plots extra "
+            "(pip install 'lorae[plots]') or turn plots off (--plots=false)."
+        )
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_figure(figure: Figure, path: Path) -> Path:
+    """Save ``figure`` as a PNG (parents created), close it and return ``path``."""
+    plt = require_pyplot()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(figure)
+    return path
+
+
+def heatmap_figure(
+    matrix: np.ndarray,
+    title: str,
+    labels: Sequence[str] | None = None,
+    colorbar_label: str = "",
+) -> Figure:
+    """A square matrix (e.g. pairwise disagreement between members) as an annotated heat map.
+
+    Shape:
+        matrix: ``(M, M)``
+    """
+    plt = require_pyplot()
+    size = matrix.shape[0]
+    names = list(labels) if labels is not None else [str(i) for i in range(size)]
+    figure, axes = plt.subplots(figsize=(1.0 + 0.45 * size + 1.5, 1.0 + 0.45 * size))
+    image = axes.imshow(matrix, cmap="viridis")
+    figure.colorbar(image, ax=axes, label=colorbar_label)
+    axes.set_xticks(range(size), names)
+    axes.set_yticks(range(size), names)
+    axes.set_xlabel("member")
+    axes.set_ylabel("member")
+    axes.set_title(title)
+    if size <= 12:
+        for i in range(size):
+            for j in range(size):
+                axes.text(
+                    j,
+                    i,
+                    f"{matrix[i, j]:.2f}",
+                    ha="center",
+                    va="center",
+                    fontsize=7,
+                    color="white" if matrix[i, j] < matrix.max() / 2 else "black",
+                )
+    return figure
+
+
+def ensemble_size_figure(sizes: Sequence[int], series: Mapping[str, Sequence[float]]) -> Figure:
+    """Metrics of the first ``k`` members against ``k`` (paper Fig. 4 and 6), one panel each."""
+    plt = require_pyplot()
+    figure, axes = plt.subplots(1, len(series), figsize=(3.6 * len(series), 3.0), squeeze=False)
+    for ax, (name, values) in zip(axes[0], series.items(), strict=True):
+        ax.plot(list(sizes), list(values), marker="o")
+        ax.set_xlabel("ensemble size k (first k members)")
+        ax.set_ylabel(name)
+        ax.grid(alpha=0.3)
+    figure.tight_layout()
+    return figure
+
+
+def singular_values_figure(values: dict[str, np.ndarray], title: str) -> Figure:
+    """Singular values per member (one line each), e.g. of ``B_i A_i`` for one projection.
+
+    Shape:
+        each value: ``(M, K)``
+    """
+    plt = require_pyplot()
+    figure, axes = plt.subplots(1, len(values), figsize=(3.6 * len(values), 3.0), squeeze=False)
+    for ax, (name, matrix) in zip(axes[0], values.items(), strict=True):
+        for m, row in enumerate(matrix):
+            ax.semilogy(np.arange(1, row.shape[0] + 1), row, marker=".", label=f"member {m}")
+        ax.set_title(name, fontsize=9)
+        ax.set_xlabel("index")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("singular value")
+    figure.suptitle(title)
+    figure.tight_layout()
+    return figure
+
+
+def scatter_figure(points: np.ndarray, labels: Sequence[str], title: str) -> Figure:
+    """A labelled 2-D scatter plot (the t-SNE of the members' predictions, paper Fig. 2).
+
+    Shape:
+        points: ``(M, 2)``
+    """
+    plt = require_pyplot()
+    figure, axes = plt.subplots(figsize=(4.0, 3.6))
+    axes.scatter(points[:, 0], points[:, 1], c=np.arange(points.shape[0]), cmap="tab20")
+    for (x, y), label in zip(points, labels, strict=True):
+        axes.annotate(label, (x, y), textcoords="offset points", xytext=(3, 3), fontsize=8)
+    axes.set_title(title)
+    axes.set_xticks([])
+    axes.set_yticks([])
+    return figure

@@ -1,0 +1,168 @@
+"""Weight-space analysis of ensemble members (paper section 4, appendices D and E, Fig. 3, 12-14).
+
+Reads :meth:`lorae.methods.EnsembleMethod.member_weights`: for every adapted attention
+projection the pretrained weight ``W0`` ``(D_out, D_in)`` and each member's effective weight
+``W_i = W0 + (alpha/R) B_i A_i`` (LoRA-Ensemble) or its fine-tuned weight (Explicit Ensemble),
+``(M, D_out, D_in)``. Singular vectors are the *left* ones (columns of ``U`` in
+``W = U S V^T``, the output space), sorted by decreasing singular value.
+
+- ``pretrained_similarity``: subspace similarity ``||U0_k^T Ui_k||_F^2 / k`` in ``[0, 1]``
+  between the top-k singular vectors of ``W0`` and of ``W_i`` (1: same subspace);
+- ``member_similarity``: the same between members ``i`` and ``j``;
+- ``max_cosine_to_pretrained``: for each of a member's top-k singular vectors, its largest
+  absolute cosine similarity with *any* singular vector of ``W0``; a vector below the
+  threshold is an "intruder dimension" (Shuttleworth et al. 2024) and is counted in
+  ``intruders``;
+- ``delta_singular_values``: singular values of ``W_i - W0`` (the scaled ``B_i A_i``);
+- :func:`diversity_score` (appendix E): one minus the mean pairwise Pearson correlation of the
+  members' flattened value-projection updates ``W_i - W0``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "WeightSpaceReport",
+    "analyse_projection",
+    "diversity_score",
+    "subspace_cosines",
+    "subspace_similarity",
+    "top_singular_vectors",
+]
+
+
+def top_singular_vectors(weight: Tensor, k: int) -> Tensor:
+    """The ``k`` leading left singular vectors of each matrix, in float64.
+
+    Shape:
+        - weight: ``(..., D_out, D_in)``
+        - output: ``(..., D_out, k)``
+    """
+    u, _, _ = torch.linalg.svd(weight.double(), full_matrices=False)
+    return u[..., :k]
+
+
+def subspace_cosines(u_a: Tensor, u_b: Tensor) -> Tensor:
+    """Absolute cosine similarity of every pair of (unit) singular vectors.
+
+    Shape:
+        - u_a: ``(D, k_a)``; u_b: ``(D, k_b)``
+        - output: ``(k_a, k_b)``
+    """
+    return (u_a.transpose(-2, -1) @ u_b).abs()
+
+
+def subspace_similarity(u_a: Tensor, u_b: Tensor) -> Tensor:
+    """``||U_a^T U_b||_F^2 / k``: 1 for the same k-dimensional subspace, 0 for orthogonal ones.
+
+    Shape:
+        - u_a, u_b: ``(..., D, k)``
+        - output: ``(...)``
+    """
+    k = u_a.shape[-1]
+    return (u_a.transpose(-2, -1) @ u_b).square().sum(dim=(-2, -1)) / k
+
+
+@dataclass(frozen=True)
+class WeightSpaceReport:
+    """Weight-space numbers of one projection (see the module docstring).
+
+    Shapes: ``pretrained_similarity`` ``(M,)``, ``member_similarity`` ``(M, M)``,
+    ``max_cosine_to_pretrained`` ``(M, k)``, ``intruders`` ``(M,)``,
+    ``delta_singular_values`` ``(M, min(D_out, D_in))``,
+    ``pretrained_singular_values`` ``(min(D_out, D_in),)``.
+    """
+
+    pretrained_similarity: Tensor
+    member_similarity: Tensor
+    max_cosine_to_pretrained: Tensor
+    intruders: Tensor
+    delta_singular_values: Tensor
+    pretrained_singular_values: Tensor
+
+    def summary(self) -> dict[str, float]:
+        """Scalars for a table: means over members (and member pairs ``i != j``)."""
+        m = self.member_similarity.shape[0]
+        off_diagonal = self.member_similarity.sum() - self.member_similarity.diagonal().sum()
+        return {
+            "pretrained_similarity": float(self.pretrained_similarity.mean()),
+            "member_similarity": float(off_diagonal / (m * (m - 1))) if m > 1 else float("nan"),
+            "intruders": float(self.intruders.double().mean()),
+            "delta_top_singular_value": float(self.delta_singular_values[:, 0].mean()),
+        }
+
+
+def analyse_projection(
+    reference: Tensor, members: Tensor, k: int = 8, intruder_threshold: float = 0.5
+) -> WeightSpaceReport:
+    """Weight-space numbers of one projection.
+
+    Args:
+        reference: the pretrained weight ``W0``.
+        members: each member's effective weight ``W_i``.
+        k: number of leading singular vectors compared.
+        intruder_threshold: a member's singular vector whose largest absolute cosine with any
+            singular vector of ``W0`` is below this is an intruder dimension.
+
+    Shape:
+        - reference: ``(D_out, D_in)``
+        - members: ``(M, D_out, D_in)``
+    """
+    if members.ndim != 3 or members.shape[1:] != reference.shape:
+        raise ValueError(
+            f"Expected reference (D_out, D_in) and members (M, D_out, D_in), got "
+            f"{tuple(reference.shape)} and {tuple(members.shape)}."
+        )
+    reference = reference.detach().double().cpu()
+    members = members.detach().double().cpu()
+    k = min(k, *reference.shape)
+    u0_full, s0, _ = torch.linalg.svd(reference, full_matrices=False)
+    u0 = u0_full[:, :k]
+    u_members = top_singular_vectors(members, k)  # (M, D_out, k)
+    pretrained_similarity = subspace_similarity(u0.expand_as(u_members), u_members)
+    member_similarity = subspace_similarity(u_members[:, None], u_members[None, :])
+    max_cosine = subspace_cosines(u0_full, u_members).amax(dim=-2)  # (M, k)
+    delta_sv = torch.linalg.svdvals(members - reference)
+    return WeightSpaceReport(
+        pretrained_similarity=pretrained_similarity,
+        member_similarity=member_similarity,
+        max_cosine_to_pretrained=max_cosine,
+        intruders=(max_cosine < intruder_threshold).sum(dim=-1),
+        delta_singular_values=delta_sv,
+        pretrained_singular_values=s0,
+    )
+
+
+def diversity_score(weights: Mapping[str, tuple[Tensor, Tensor]], projection: str = "v") -> float:
+    """Appendix E diversity score: ``1 - mean pairwise Pearson correlation`` of the members'
+    flattened updates ``W_i - W0`` of one projection (value by default), averaged over layers.
+
+    0 when all members learned the same update; about 1 for uncorrelated updates.
+
+    Args:
+        weights: :meth:`~lorae.methods.EnsembleMethod.member_weights` output.
+        projection: which projection's keys (``"<block>.<projection>"``) to use.
+
+    Raises:
+        ValueError: no key of that projection, or fewer than two members.
+    """
+    correlations = []
+    for name, (reference, members) in weights.items():
+        if name.rsplit(".", 1)[-1] != projection:
+            continue
+        if members.shape[0] < 2:
+            raise ValueError("The diversity score needs at least two members.")
+        deltas = (members.detach().double().cpu() - reference.detach().double().cpu()).flatten(1)
+        corr = torch.corrcoef(deltas)
+        m = corr.shape[0]
+        correlations.append((corr.sum() - corr.diagonal().sum()) / (m * (m - 1)))
+    if not correlations:
+        raise ValueError(
+            f"No '{projection}' projection among the analysed weights: {sorted(weights)}."
+        )
+    return float(1.0 - torch.stack(correlations).mean())

@@ -1,0 +1,136 @@
+"""``lorae predict`` output: columns, entropy decomposition, merge of DDP ranks, file names."""
+
+from __future__ import annotations
+
+import csv
+import math
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from lorae.data import ImageFolderDataModule
+from lorae.errors import ConfigError
+from lorae.metrics.functional import (
+    expected_member_entropy,
+    mutual_information,
+    predictive_entropy,
+    predictive_log_probs,
+)
+from lorae.outputs import PredictionWriter, merge_rank_predictions, prediction_columns
+from tests.fixtures.builders import write_image_folder
+
+
+def _batch(logits: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
+    """What EnsembleClassifier.predict_step returns for these logits."""
+    logits = logits.double()
+    log_probs = predictive_log_probs(logits)
+    return {
+        "target": target,
+        "pred": log_probs.argmax(-1),
+        "entropy": predictive_entropy(log_probs),
+        "expected_entropy": expected_member_entropy(logits),
+        "mutual_information": mutual_information(logits),
+        "probs": log_probs.exp(),
+        "member_pred": logits.argmax(-1).T,
+    }
+
+
+def _trainer(tmp_path: Path, names: list[str] | None = None) -> Any:
+    datamodule = SimpleNamespace(predict_sample_names=lambda: names)
+    return SimpleNamespace(
+        log_dir=str(tmp_path), default_root_dir=str(tmp_path), datamodule=datamodule,
+        is_global_zero=True, strategy=SimpleNamespace(barrier=lambda name: None),
+    )  # fmt: skip
+
+
+def _logits(m: int, b: int, c: int, seed: int) -> torch.Tensor:
+    return 3 * torch.randn(m, b, c, generator=torch.Generator().manual_seed(seed))
+
+
+def test_columns_and_entropy_decomposition_in_the_csv(tmp_path: Path) -> None:
+    logits, target = _logits(4, 25, 3, seed=0), torch.randint(0, 3, (25,))
+    batches = [_batch(logits[:, :10], target[:10]), _batch(logits[:, 10:], target[10:])]
+    writer = PredictionWriter(member_predictions=True)
+    writer.write_on_epoch_end(
+        _trainer(tmp_path), None, batches, [[list(range(10)), list(range(10, 25))]]
+    )  # type: ignore[arg-type]
+    assert writer.written == tmp_path / "predictions.csv"
+    with writer.written.open() as handle:
+        reader = csv.DictReader(handle)
+        rows = list(reader)
+    assert reader.fieldnames == prediction_columns(3, 4, False, True)
+    assert reader.fieldnames[:6] == [
+        "index", "target", "pred", "entropy", "expected_entropy", "mutual_information",
+    ]  # fmt: skip
+    probs = predictive_log_probs(logits.double()).exp()
+    for i, row in enumerate(rows):
+        assert int(row["index"]) == i and int(row["target"]) == int(target[i])
+        total = float(row["entropy"])
+        aleatoric, epistemic = float(row["expected_entropy"]), float(row["mutual_information"])
+        assert abs(aleatoric + epistemic - total) < 1e-6
+        assert epistemic >= 0 and 0 <= aleatoric <= math.log(3) + 1e-9
+        p = [float(row[f"prob_{c}"]) for c in range(3)]
+        np.testing.assert_allclose(p, probs[i].numpy(), rtol=1e-12)
+        assert int(row["pred"]) == int(np.argmax(p))
+        members = [int(row[f"member_pred_{m}"]) for m in range(4)]
+        assert members == logits[:, i].argmax(-1).tolist()
+    assert any(float(r["mutual_information"]) > 1e-3 for r in rows)  # members do disagree
+
+
+def test_members_that_agree_have_zero_epistemic_uncertainty() -> None:
+    logits = _logits(1, 8, 5, seed=1).repeat(3, 1, 1)
+    batch = _batch(logits, torch.zeros(8, dtype=torch.long))
+    assert batch["mutual_information"].abs().max() < 1e-12
+    torch.testing.assert_close(batch["expected_entropy"], batch["entropy"])
+
+
+def test_merge_rank_predictions_restores_sample_order() -> None:
+    # DistributedSampler style: rank r holds samples r, r + 2, ...; the padding repeats sample 0.
+    def payload(indices: list[int]) -> dict[str, np.ndarray]:
+        idx = np.array(indices)
+        return {"index": idx, "pred": idx * 10, "probs": np.stack([idx, -idx], axis=1)}
+
+    merged = merge_rank_predictions([payload([0, 2, 4, 6]), payload([1, 3, 5, 0])])
+    np.testing.assert_array_equal(merged["index"], np.arange(7))
+    np.testing.assert_array_equal(merged["pred"], np.arange(7) * 10)
+    np.testing.assert_array_equal(merged["probs"][:, 1], -np.arange(7))
+
+
+def test_parquet_output_and_file_names(tmp_path: Path) -> None:
+    pq = pytest.importorskip("pyarrow.parquet")
+    logits, target = _logits(2, 3, 2, seed=2), torch.tensor([0, 1, 1])
+    writer = PredictionWriter(output_path=str(tmp_path / "p.parquet"))
+    trainer = _trainer(tmp_path, ["a.jpg", "b.jpg", "c.jpg"])
+    writer.write_on_epoch_end(trainer, None, [_batch(logits, target)], [[[0, 1, 2]]])  # type: ignore[arg-type]
+    table = pq.read_table(tmp_path / "p.parquet").to_pydict()
+    assert list(table) == prediction_columns(2, 2, True, False)
+    assert table["file"] == ["a.jpg", "b.jpg", "c.jpg"]
+
+
+def test_parquet_without_pyarrow_is_a_clear_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("lorae.outputs.importlib.util.find_spec", lambda name: None)
+    writer = PredictionWriter(output_path=str(tmp_path / "p.parquet"))
+    batch = _batch(_logits(2, 3, 2, seed=3), torch.tensor([0, 1, 1]))
+    with pytest.raises(ConfigError, match=r"lorae\[parquet\]"):
+        writer.write_on_epoch_end(_trainer(tmp_path), None, [batch], [[[0, 1, 2]]])  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("with_test_folder", [True, False])
+def test_image_folder_names_its_test_files(tmp_path: Path, with_test_folder: bool) -> None:
+    splits = ("train", "test") if with_test_folder else ("train",)
+    write_image_folder(tmp_path, classes=("cat", "dog"), per_class=5, size=8, splits=splits)
+    dm = ImageFolderDataModule(str(tmp_path), image_size=8, test_fraction=0.3, seed=0)
+    names = dm.predict_sample_names()
+    targets = [int(t) for _, t in dm.test_dataset]  # type: ignore[attr-defined]
+    assert len(names) == len(targets) > 0
+    for name, target in zip(names, targets, strict=True):
+        assert (tmp_path / name).is_file()
+        split, label, _ = name.split("/")
+        assert split == ("test" if with_test_folder else "train")
+        assert dm.class_names.index(label) == target

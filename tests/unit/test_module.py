@@ -15,7 +15,7 @@ from lorae.errors import CheckpointMismatchError, ConfigError
 from lorae.methods import LoRAEnsemble
 from lorae.metrics import member_cross_entropy
 from lorae.module import EnsembleClassifier
-from lorae.optim import warmup_decay
+from lorae.optim import ExponentialDecay, warmup_decay
 from tests.fixtures.models import TINY_BACKBONES
 
 C = 3
@@ -116,3 +116,41 @@ def test_checkpoint_identity_is_saved_and_checked() -> None:
     _module(num_members=2).on_load_checkpoint(checkpoint)  # same settings: accepted
     with pytest.raises(CheckpointMismatchError, match="num_members: checkpoint 2, config 3"):
         _module(num_members=3).on_load_checkpoint(checkpoint)
+
+
+def test_exponential_decay_steps_per_epoch() -> None:
+    """gamma ** (completed periods after start_epoch), counted in whole epochs after warm-up."""
+    decay = ExponentialDecay(gamma=0.5, every_epochs=2, start_epoch=1)
+    f = warmup_decay(total_steps=100, warmup_steps=0, decay=decay, steps_per_epoch=10)
+    # epochs 0-2 at the base rate; halved from epoch 3 (= start 1 + every 2), again at 5, 7, 9
+    expected = {0: 1.0, 29: 1.0, 30: 0.5, 49: 0.5, 50: 0.25, 99: 0.0625}
+    assert {step: f(step) for step in expected} == expected
+    with pytest.raises(ConfigError, match="gamma"):
+        ExponentialDecay(gamma=1.5)
+
+
+def test_exponential_decay_counts_epochs_of_the_real_loader() -> None:
+    """The module derives steps per epoch from the trainer: x0.5 per epoch over 3 epochs."""
+    module = _module(
+        optimizer=functools.partial(torch.optim.SGD, lr=0.1),
+        warmup_steps=0,
+        lr_decay=ExponentialDecay(gamma=0.5),
+    )
+    seen: list[float] = []
+
+    class RecordLR(pl.Callback):
+        def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+            seen.append(trainer.optimizers[0].param_groups[0]["lr"])
+
+    trainer = pl.Trainer(
+        max_epochs=3,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        callbacks=[RecordLR()],
+    )
+    trainer.fit(module, train_dataloaders=_loader())
+    assert len(_loader()) > 1, "several steps per epoch, or the test cannot tell steps from epochs"
+    assert seen == pytest.approx([0.1, 0.05, 0.025])

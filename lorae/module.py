@@ -8,6 +8,7 @@ distribution, the mean over members of their softmaxes.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -21,11 +22,15 @@ from lorae.errors import CheckpointMismatchError, ConfigError
 from lorae.methods.base import EnsembleMethod, describe_mismatch
 from lorae.metrics import (
     EnsembleMetrics,
+    expected_member_entropy,
     member_cross_entropy,
+    mutual_information,
     predictive_entropy,
     predictive_log_probs,
 )
+from lorae.metrics.evaluation import TestEvaluation
 from lorae.optim import LRDecay, warmup_decay
+from lorae.training import default_callbacks
 
 Batch = tuple[Inputs, Tensor]
 CHECKPOINT_KEY = "lorae"
@@ -42,7 +47,8 @@ class EnsembleClassifier(pl.LightningModule):
             weights never reach it). Default ``torch.optim.AdamW`` (its own default lr
             1e-3; the paper's configs set 1e-4).
         lr_decay: schedule after the warm-up: ``"cosine"`` (paper), ``"linear"``,
-            ``"constant"``.
+            ``"constant"`` or per-epoch exponential decay ``{gamma: 0.94, every_epochs: 4}``
+            (:class:`~lorae.optim.ExponentialDecay`; the paper's iNaturalist and ESC-50 recipes).
         warmup_steps: linear warm-up steps (paper: 500).
         class_weights: optional per-class cross-entropy weights (length C).
         ece_bins: equal-width bins of the expected calibration error (10, as the reference
@@ -50,7 +56,11 @@ class EnsembleClassifier(pl.LightningModule):
 
     Logged metrics (``{stage}/`` prefix for ``val`` and ``test``): ``acc``, ``f1`` (macro),
     ``ece``, ``nll``, ``brier`` of the ensemble predictive, ``member_acc/{i}`` per member, and
-    ``loss``.
+    ``loss``. Testing adds everything :class:`~lorae.metrics.evaluation.TestEvaluation` computes
+    (ensemble-size curve, diversity, OOD and shift sets), once per entry of
+    :attr:`test_temperatures` (key prefix -> softmax temperature; ``{"": 1.0}`` by default,
+    extended by ``--calibrate temperature`` and ``--temperature_sweep``); the arrays behind the
+    plots are kept in :attr:`test_arrays`.
     """
 
     class_weights: Tensor | None
@@ -80,7 +90,10 @@ class EnsembleClassifier(pl.LightningModule):
         self.register_buffer("class_weights", weights)
         m = self.method.num_members
         self.val_metrics = EnsembleMetrics(num_classes, m, ece_bins)
-        self.test_metrics = EnsembleMetrics(num_classes, m, ece_bins)
+        self.ece_bins = ece_bins
+        self.test_temperatures: dict[str, float] = {"": 1.0}
+        self.test_evaluation: TestEvaluation | None = None
+        self.test_arrays: dict[str, Tensor] = {}
 
     def forward(self, x: Inputs) -> Tensor:
         """Member logits. Shape: inputs ``(B, ...)`` -> ``(M, B, C)``."""
@@ -94,7 +107,7 @@ class EnsembleClassifier(pl.LightningModule):
 
     def _evaluate(self, batch: Batch, stage: str, metrics: EnsembleMetrics) -> None:
         inputs, target = batch
-        logits = self(inputs)
+        logits = self(inputs).float()  # bf16-mixed logits: metrics in float32
         loss = member_cross_entropy(logits, target, self.class_weights)
         self.log(f"{stage}/loss", loss, sync_dist=True, batch_size=target.shape[0])
         metrics.update(logits, target)
@@ -111,33 +124,72 @@ class EnsembleClassifier(pl.LightningModule):
     def on_validation_epoch_end(self) -> None:
         self._log_metrics("val", self.val_metrics)
 
-    def test_step(self, batch: Batch, batch_idx: int) -> None:
-        self._evaluate(batch, "test", self.test_metrics)
+    def on_test_start(self) -> None:
+        datamodule = getattr(self.trainer, "datamodule", None)
+        sets = getattr(datamodule, "evaluation_sets", [])
+        self.test_evaluation = TestEvaluation(
+            self.num_classes,
+            self.method.num_members,
+            self.ece_bins,
+            self.test_temperatures,
+            [(s.name, s.kind) for s in sets],
+        ).to(self.device)
+
+    def test_step(self, batch: Batch, batch_idx: int, dataloader_idx: int = 0) -> None:
+        inputs, target = batch
+        logits = self(inputs).float()  # bf16-mixed logits: metrics in float32
+        if dataloader_idx == 0:  # evaluation-set targets may lie outside the task's classes
+            loss = member_cross_entropy(logits, target, self.class_weights)
+            self.log(
+                "test/loss",
+                loss,
+                sync_dist=True,
+                batch_size=target.shape[0],
+                add_dataloader_idx=False,
+            )
+        assert self.test_evaluation is not None
+        self.test_evaluation.update(logits, target, dataloader_idx)
 
     def on_test_epoch_end(self) -> None:
-        self._log_metrics("test", self.test_metrics)
+        assert self.test_evaluation is not None
+        scalars, self.test_arrays = self.test_evaluation.compute()  # synchronised across ranks
+        for key, value in scalars.items():
+            self.log(f"test/{key}", value, add_dataloader_idx=False)
+        self.test_evaluation = None
 
     def predict_step(self, batch: Batch, batch_idx: int) -> dict[str, Tensor]:
-        """Per-sample predictive probabilities ``(B, C)``, predicted class and entropy ``(B,)``."""
+        """Per-sample uncertainty: predictive probabilities ``(B, C)``; predicted class, total
+        predictive entropy, expected member entropy (aleatoric) and mutual information
+        (epistemic) ``(B,)``; each member's predicted class ``(B, M)``."""
         inputs, target = batch
-        log_probs = predictive_log_probs(self(inputs))
+        logits = self(inputs).double()  # float64: the entropy decomposition holds to 1e-12
+        log_probs = predictive_log_probs(logits)
         return {
             "target": target,
             "pred": log_probs.argmax(-1),
             "entropy": predictive_entropy(log_probs),
+            "expected_entropy": expected_member_entropy(logits),
+            "mutual_information": mutual_information(logits),
             "probs": log_probs.exp(),
+            "member_pred": logits.argmax(-1).T,
         }
 
     def configure_callbacks(self) -> list[pl.Callback]:
-        """The method's own callbacks (see :meth:`EnsembleMethod.callbacks`)."""
-        return self.method.callbacks()
+        """lorae's fault-tolerance callbacks (:func:`lorae.training.default_callbacks`) and the
+        method's own (see :meth:`EnsembleMethod.callbacks`)."""
+        return [*default_callbacks(), *self.method.callbacks()]
 
     def configure_optimizers(self) -> Any:
         params = [p for p in self.parameters() if p.requires_grad]
         optimizer = self.optimizer(params)
-        schedule = warmup_decay(
-            int(self.trainer.estimated_stepping_batches), self.warmup_steps, self.lr_decay
+        total_steps = int(self.trainer.estimated_stepping_batches)  # also sets up the data
+        batches = self.trainer.num_training_batches  # inf for an iterable without length
+        steps_per_epoch = (
+            math.ceil(batches / self.trainer.accumulate_grad_batches)
+            if math.isfinite(batches)
+            else total_steps
         )
+        schedule = warmup_decay(total_steps, self.warmup_steps, self.lr_decay, steps_per_epoch)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
         return {
             "optimizer": optimizer,

@@ -3,16 +3,25 @@
 from __future__ import annotations
 
 import csv
+import importlib.util
 import json
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import lightning.pytorch as pl
+import numpy as np
 import torch
+import torch.distributed as dist
 from lightning.pytorch.callbacks import BasePredictionWriter
 from torch import Tensor
+
+from lorae.errors import ConfigError
+
+__all__ = ["PredictionWriter", "merge_rank_predictions", "prediction_columns", "write_metrics"]
+
+PredictionFormat = Literal["auto", "csv", "parquet"]
 
 
 def write_metrics(
@@ -26,22 +35,85 @@ def write_metrics(
     return path
 
 
-class PredictionWriter(BasePredictionWriter):
-    """Write ``lorae predict`` output as CSV: one row per sample.
+def merge_rank_predictions(payloads: Sequence[Mapping[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """Merge the predictions of every process into one table in sample order.
 
-    Columns: ``index`` (position in the predicted split), ``target``, ``pred`` (argmax of the
-    ensemble predictive), ``entropy`` (predictive entropy, nats), ``prob_0`` ... ``prob_{C-1}``
-    (the ensemble predictive probabilities).
+    Each payload holds an ``index`` array (the sample's position in the predicted split) and
+    per-sample arrays of the same length. Rows are concatenated, sorted by ``index`` and
+    de-duplicated (a distributed sampler that pads repeats a few samples).
+
+    Shape:
+        each array: ``(N_rank, ...)`` -> ``(N, ...)``
+    """
+    keys = list(payloads[0])
+    merged = {k: np.concatenate([p[k] for p in payloads]) for k in keys}
+    _, first = np.unique(merged["index"], return_index=True)  # sorted unique indices
+    return {k: v[first] for k, v in merged.items()}
+
+
+def prediction_columns(
+    num_classes: int, num_members: int, with_file: bool, member_predictions: bool
+) -> list[str]:
+    """Column names of the prediction file, in order (see :class:`PredictionWriter`)."""
+    return [
+        "index",
+        *(["file"] if with_file else []),
+        "target",
+        "pred",
+        "entropy",
+        "expected_entropy",
+        "mutual_information",
+        *(f"prob_{c}" for c in range(num_classes)),
+        *(f"member_pred_{m}" for m in range(num_members) if member_predictions),
+    ]
+
+
+class PredictionWriter(BasePredictionWriter):
+    """Write ``lorae predict`` output: one row per sample with its predictive uncertainty.
+
+    Columns (in this order; entropies in nats):
+
+    - ``index``: position of the sample in the predicted split (the test split);
+    - ``file``: the sample's file, when the data module names its samples
+      (:meth:`~lorae.data.base.ClassificationDataModule.predict_sample_names`);
+    - ``target``: the label in the data (class index);
+    - ``pred``: argmax of the ensemble predictive ``p = 1/M sum_m softmax(z_m)``;
+    - ``entropy``: total predictive entropy ``H[p]``;
+    - ``expected_entropy``: mean member entropy ``1/M sum_m H[softmax(z_m)]`` (aleatoric part);
+    - ``mutual_information``: ``entropy - expected_entropy`` (epistemic part; 0 when all
+      members agree);
+    - ``prob_0`` ... ``prob_{C-1}``: the ensemble predictive probabilities;
+    - ``member_pred_0`` ... ``member_pred_{M-1}``: each member's predicted class (only with
+      ``member_predictions``).
+
+    Under DDP every process sends its rows to process 0, which writes one file in sample
+    order.
 
     Args:
-        output_path: the CSV file; ``None`` writes ``predictions.csv`` into the run's log
-            directory.
+        output_path: the output file; ``None`` writes ``predictions.csv`` (or
+            ``predictions.parquet``) into the run's log directory.
+        format: ``"csv"``, ``"parquet"`` (needs pyarrow: ``pip install 'lorae[parquet]'``) or
+            ``"auto"``: Parquet when ``output_path`` ends in ``.parquet``, else CSV.
+        member_predictions: also write each member's predicted class.
     """
 
-    def __init__(self, output_path: str | None = None) -> None:
+    def __init__(
+        self,
+        output_path: str | None = None,
+        format: PredictionFormat = "auto",
+        member_predictions: bool = False,
+    ) -> None:
         super().__init__(write_interval="epoch")
         self.output_path = output_path
+        self.format = format
+        self.member_predictions = member_predictions
         self.written: Path | None = None
+
+    def _resolve_format(self) -> Literal["csv", "parquet"]:
+        if self.format != "auto":
+            return self.format
+        is_parquet = self.output_path is not None and self.output_path.endswith(".parquet")
+        return "parquet" if is_parquet else "csv"
 
     def write_on_epoch_end(
         self,
@@ -53,24 +125,73 @@ class PredictionWriter(BasePredictionWriter):
         batches = [p for p in predictions if isinstance(p, dict)]
         if not batches:
             return
-        merged = {k: torch.cat([b[k] for b in batches]).cpu() for k in batches[0]}
+        payload = {k: torch.cat([b[k] for b in batches]).cpu().numpy() for k in batches[0]}
+        indices = [i for batch in (batch_indices or [[]])[0] for i in batch]
+        count = payload["pred"].shape[0]
+        payload["index"] = np.asarray(indices if len(indices) == count else range(count))
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            gathered: list[Any] = [None] * dist.get_world_size()
+            dist.all_gather_object(gathered, payload)
+            payloads = gathered
+        else:
+            payloads = [payload]
+        # trainer.log_dir is a collective call under DDP: every process must ask for it.
         default_dir = Path(trainer.log_dir or trainer.default_root_dir)
-        path = Path(self.output_path) if self.output_path else default_dir / "predictions.csv"
+        if trainer.is_global_zero:
+            table = merge_rank_predictions(payloads)
+            self.written = self._write(trainer, default_dir, table)
+        trainer.strategy.barrier("lorae_predictions")  # no process exits while 0 writes
+
+    def _write(self, trainer: pl.Trainer, default_dir: Path, table: dict[str, np.ndarray]) -> Path:
+        file_format = self._resolve_format()
+        default_name = f"predictions.{file_format}"
+        path = Path(self.output_path) if self.output_path else default_dir / default_name
+        names_hook = getattr(trainer.datamodule, "predict_sample_names", None)  # type: ignore[attr-defined]
+        names = names_hook() if names_hook is not None else None
+        num_classes = table["probs"].shape[1]
+        num_members = table["member_pred"].shape[1]
+        columns: dict[str, list[Any]] = {"index": table["index"].tolist()}
+        if names is not None:
+            columns["file"] = [names[i] for i in table["index"]]
+        for key in ("target", "pred"):
+            columns[key] = table[key].astype(int).tolist()
+        for key in ("entropy", "expected_entropy", "mutual_information"):
+            columns[key] = table[key].astype(float).tolist()
+        for c in range(num_classes):
+            columns[f"prob_{c}"] = table["probs"][:, c].astype(float).tolist()
+        if self.member_predictions:
+            for m in range(num_members):
+                columns[f"member_pred_{m}"] = table["member_pred"][:, m].astype(int).tolist()
+        expected = prediction_columns(
+            num_classes, num_members, names is not None, self.member_predictions
+        )
+        assert list(columns) == expected
         path.parent.mkdir(parents=True, exist_ok=True)
-        num_classes = merged["probs"].shape[1]
-        with path.open("w", newline="") as handle:
-            writer = csv.writer(handle)
-            writer.writerow(
-                ["index", "target", "pred", "entropy", *(f"prob_{c}" for c in range(num_classes))]
-            )
-            for i in range(merged["pred"].shape[0]):
-                writer.writerow(
-                    [
-                        i,
-                        int(merged["target"][i]),
-                        int(merged["pred"][i]),
-                        f"{float(merged['entropy'][i]):.6g}",
-                        *(f"{float(p):.6g}" for p in merged["probs"][i]),
-                    ]
-                )
-        self.written = path
+        if file_format == "parquet":
+            _write_parquet(path, columns)
+        else:
+            _write_csv(path, columns)
+        return path
+
+
+def _write_csv(path: Path, columns: dict[str, list[Any]]) -> None:
+    with path.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(list(columns))
+        for row in zip(*columns.values(), strict=True):
+            # repr-precision floats: entropy = expected_entropy + mutual_information holds to
+            # float64 rounding in the file, not only in memory.
+            writer.writerow([repr(v) if isinstance(v, float) else v for v in row])
+
+
+def _write_parquet(path: Path, columns: dict[str, list[Any]]) -> None:
+    if importlib.util.find_spec("pyarrow") is None:
+        raise ConfigError(
+            "Writing predictions as Parquet needs pyarrow, which is not installed. Install the "
+            "parquet extra (pip install 'lorae[parquet]') or write CSV "
+            "(--prediction_writer.format=csv)."
+        )
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table(columns), path)

@@ -15,14 +15,23 @@ and ``target`` is a long tensor ``(B,)`` with values in ``[0, num_classes)``.
 from __future__ import annotations
 
 import abc
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, TypeVar
 
 import lightning.pytorch as pl
 import torch
-from torch.utils.data import DataLoader, Dataset, Subset
+from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
+from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 
+from lorae.data.robust import (
+    EpochSampler,
+    ResumableDataLoader,
+    SkipCorrupt,
+    new_counter,
+    skipping_collate,
+)
 from lorae.errors import ConfigError
 
 __all__ = [
@@ -181,6 +190,9 @@ class ClassificationDataModule(pl.LightningDataModule, abc.ABC):
         val_fraction: Share of the training data carved out for validation when the data set
             has no validation split, in ``[0, 1)``.
         seed: Seed of the carved splits and of the training shuffle.
+        skip_corrupt: Leave samples whose file cannot be read out of their batch (each is
+            reported on stderr, and the count at the end of the stage) instead of stopping
+            with :class:`~lorae.errors.CorruptSampleError`.
 
     Raises:
         ConfigError: If an argument is out of range.
@@ -193,8 +205,11 @@ class ClassificationDataModule(pl.LightningDataModule, abc.ABC):
         num_workers: int = 0,
         val_fraction: float = 0.1,
         seed: int = 0,
+        skip_corrupt: bool = False,
     ) -> None:
         super().__init__()
+        self.skip_corrupt = bool(skip_corrupt)
+        self._skipped: Any = None  # shared counter of skipped corrupt samples (robust.py)
         self.batch_size = _check_int("batch_size", batch_size, 1)
         self.eval_batch_size = (
             self.batch_size
@@ -242,6 +257,16 @@ class ClassificationDataModule(pl.LightningDataModule, abc.ABC):
         """Collate function of every dataloader; ``None`` uses PyTorch's default collate."""
         return None
 
+    @property
+    def class_weights(self) -> list[float] | None:
+        """Per-class cross-entropy weights (length ``num_classes``) or ``None`` (unweighted).
+
+        The CLI links this to ``model.class_weights`` when it instantiates the model, so a data
+        set with its own weighting (HAM10000, paper appendix M) needs no second setting. Like
+        :attr:`num_classes` it must be answerable right after ``__init__``.
+        """
+        return None
+
     # ------------------------------------------------------------------ shared machinery
 
     def carve(self, dataset: Dataset[T], *fractions: float) -> list[Subset[T]]:
@@ -287,20 +312,55 @@ class ClassificationDataModule(pl.LightningDataModule, abc.ABC):
         batch_size: int,
         generator: torch.Generator | None = None,
     ) -> DataLoader[Any]:
-        return DataLoader(
+        collate_fn = self.collate_fn
+        if self.skip_corrupt:
+            if self._skipped is None:
+                self._skipped = new_counter()
+            dataset = SkipCorrupt(dataset, self._skipped)
+            collate_fn = skipping_collate(collate_fn)
+        sampler: Sampler[int] | None = None
+        if generator is not None:
+            # Resumable mid-epoch (robust.py); Lightning swaps in a DistributedSampler under DDP.
+            sampler = EpochSampler(dataset, self.seed)
+        elif self.trainer is not None and self.trainer.world_size > 1:
+            # Each evaluation sample on exactly one rank: Lightning's default DistributedSampler
+            # would pad the last rank with repeated samples and count them twice in metrics.
+            sampler = UnrepeatedDistributedSampler(
+                dataset,
+                num_replicas=self.trainer.world_size,
+                rank=self.trainer.global_rank,
+                shuffle=False,
+            )
+        return ResumableDataLoader(
             dataset,
             batch_size=batch_size,
-            shuffle=generator is not None,
+            sampler=sampler,
             generator=generator,
             num_workers=self.num_workers,
-            collate_fn=self.collate_fn,
+            collate_fn=collate_fn,
             persistent_workers=self.num_workers > 0,
         )
 
     def train_dataloader(self) -> DataLoader[Any]:
-        """Shuffled training batches; the order is reproducible from ``seed``."""
+        """Shuffled training batches; the order is reproducible from ``seed`` and resumable
+        mid-epoch from a checkpoint (:class:`~lorae.data.robust.ResumableDataLoader`)."""
         generator = torch.Generator().manual_seed(self.seed)
         return self._loader(self.train_dataset, self.batch_size, generator)
+
+    def teardown(self, stage: str) -> None:
+        """Report how many corrupt samples were skipped (``skip_corrupt: true``)."""
+        if self._skipped is None or not self._skipped.value:
+            return
+        prefix = ""
+        if self.trainer is not None and self.trainer.world_size > 1:
+            prefix = f"[rank {self.trainer.global_rank}] "
+        print(
+            f"{prefix}lorae: skipped {self._skipped.value} corrupt sample(s) during "
+            f"{getattr(stage, 'value', stage)} "
+            "(skip_corrupt: true); the lines starting 'lorae: skipping' name them.",
+            file=sys.stderr,
+        )
+        self._skipped.value = 0
 
     def val_dataloader(self) -> DataLoader[Any]:
         """Validation batches in a fixed order."""
@@ -325,3 +385,8 @@ class ClassificationDataModule(pl.LightningDataModule, abc.ABC):
     def predict_dataloader(self) -> DataLoader[Any]:
         """The test split in a fixed order (targets included)."""
         return self._loader(self.test_dataset, self.eval_batch_size)
+
+    def predict_sample_names(self) -> list[str] | None:
+        """A name per sample of :meth:`predict_dataloader`, in order (e.g. file paths), written
+        as the ``file`` column of ``lorae predict``; ``None`` (the default) writes no names."""
+        return None

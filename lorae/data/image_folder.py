@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from PIL import Image
 from torch.utils.data import Dataset, Subset
 from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS
@@ -13,7 +14,7 @@ from torchvision.transforms import InterpolationMode, v2
 
 from lorae.backbones.registry import IMAGENET, image_preprocessing
 from lorae.data.base import ClassificationDataModule, TransformedDataset, split_indices
-from lorae.errors import ConfigError, DataNotFoundError
+from lorae.errors import ConfigError, CorruptSampleError, DataNotFoundError
 
 __all__ = ["ImageFolderDataModule"]
 
@@ -45,6 +46,19 @@ def _class_folders(split_dir: Path) -> list[str]:
             f"folders.\n{_LAYOUT}"
         )
     return classes
+
+
+def load_rgb_image(path: str) -> Image.Image:
+    """Open an image file as RGB; an unreadable or truncated file raises
+    :class:`CorruptSampleError` naming it (instead of PIL's error without the path)."""
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")
+    except (OSError, SyntaxError, ValueError) as error:  # PIL's errors for bad image data
+        raise CorruptSampleError(
+            f"Cannot read image '{path}': {type(error).__name__}: {error}. Replace or delete "
+            "the file, or set skip_corrupt: true to leave unreadable images out."
+        ) from error
 
 
 class ImageFolderDataModule(ClassificationDataModule):
@@ -86,6 +100,9 @@ class ImageFolderDataModule(ClassificationDataModule):
         val_fraction: Share of ``train`` carved out as validation split when ``val/`` is
             missing.
         seed: Seed of the carved splits and of the training shuffle.
+        skip_corrupt: Leave images that cannot be read out of their batch (each reported on
+            stderr, the count at the end of the stage) instead of stopping with
+            :class:`~lorae.errors.CorruptSampleError`.
 
     Raises:
         DataNotFoundError: If ``root`` or ``root/train`` is missing or holds no images.
@@ -107,6 +124,7 @@ class ImageFolderDataModule(ClassificationDataModule):
         num_workers: int = 0,
         val_fraction: float = 0.1,
         seed: int = 0,
+        skip_corrupt: bool = False,
     ) -> None:
         super().__init__(
             batch_size=batch_size,
@@ -114,6 +132,7 @@ class ImageFolderDataModule(ClassificationDataModule):
             num_workers=num_workers,
             val_fraction=val_fraction,
             seed=seed,
+            skip_corrupt=skip_corrupt,
         )
         published = IMAGENET if backbone is None else image_preprocessing(backbone)
         image_size = published.image_size if image_size is None else image_size
@@ -214,7 +233,7 @@ class ImageFolderDataModule(ClassificationDataModule):
         return v2.Compose([v2.RandomHorizontalFlip(), self.eval_transform()])
 
     def _folder(self, split: str) -> ImageFolder:
-        return ImageFolder(str(self.root / split))
+        return ImageFolder(str(self.root / split), loader=load_rgb_image)
 
     def build_datasets(self) -> tuple[Dataset[Any], Dataset[Any], Dataset[Any]]:
         """Read the class folders and carve the missing splits out of ``train``."""
@@ -237,3 +256,16 @@ class ImageFolderDataModule(ClassificationDataModule):
 
         train = TransformedDataset(Subset(train_all, parts[0]), train_tf)
         return train, split("val"), split("test")
+
+    def predict_sample_names(self) -> list[str]:
+        """Path of every test image relative to ``root``, in prediction order."""
+        dataset = self.test_dataset
+        assert isinstance(dataset, TransformedDataset)
+        inner = dataset.dataset
+        folder, indices = (
+            (inner.dataset, list(inner.indices))
+            if isinstance(inner, Subset)
+            else (inner, list(range(len(inner))))  # type: ignore[arg-type]
+        )
+        assert isinstance(folder, ImageFolder)
+        return [Path(folder.samples[i][0]).relative_to(self.root).as_posix() for i in indices]

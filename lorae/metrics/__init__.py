@@ -19,18 +19,21 @@ from lorae.metrics.functional import (
     predictive_log_probs,
     predictive_probs,
 )
+from lorae.metrics.ood import OODMetrics, ood_scores
 
 __all__ = [
     "BrierScore",
     "EnsembleMetrics",
     "MemberAccuracy",
     "NegativeLogLikelihood",
+    "OODMetrics",
     "brier_score",
     "expected_calibration_error",
     "expected_member_entropy",
     "member_cross_entropy",
     "mutual_information",
     "negative_log_likelihood",
+    "ood_scores",
     "predictive_entropy",
     "predictive_log_probs",
     "predictive_probs",

@@ -12,6 +12,18 @@ from collections.abc import Callable
 
 TOOLS: dict[str, tuple[str, str]] = {
     # name: ("module:function", one-line help shown by `lorae --help`)
+    "analyze": (
+        "lorae.tools.analyze:main",
+        "diversity and weight-space analysis (numbers and plots) of a checkpoint",
+    ),
+    "aggregate": (
+        "lorae.tools.aggregate:main",
+        "collect metrics.json of several runs into a mean ± std table (Markdown, CSV)",
+    ),
+    "crossval": (
+        "lorae.tools.crossval:main",
+        "train every fold (ESC-50) and evaluate the pooled held-out predictions",
+    ),
 }
 
 

@@ -100,7 +100,9 @@ def read_predictions(path: Path, num_classes: int) -> list[dict[str, str]]:
         rows = list(reader)
         header = reader.fieldnames
     probs = [f"prob_{c}" for c in range(num_classes)]
-    assert header == ["index", "target", "pred", "entropy", *probs]
+    uncertainty = ["entropy", "expected_entropy", "mutual_information"]
+    names = ["file"] if header and header[1] == "file" else []  # ImageFolder names its files
+    assert header == ["index", *names, "target", "pred", *uncertainty, *probs]
     for i, row in enumerate(rows):
         assert int(row["index"]) == i
         p = [float(row[c]) for c in probs]

@@ -31,3 +31,15 @@ class CheckpointMismatchError(LoraeError, ValueError):
 class CorruptSampleError(LoraeError, ValueError):
     """A data file (image, WAV, TSV row ...) cannot be read; the message names the file and,
     for text files, the line."""
+
+
+class UnsafeCheckpointError(LoraeError, ValueError):
+    """A checkpoint holds Python objects that would run code when unpickled."""
+
+
+class CheckpointReadError(LoraeError, ValueError):
+    """A checkpoint file is truncated or not a checkpoint."""
+
+
+class NonFiniteLossError(LoraeError, FloatingPointError):
+    """The training loss became NaN or infinite."""

@@ -85,7 +85,10 @@ class LogMelFeatures:
         try:
             data, rate = self.soundfile.read(str(path), dtype="float32", always_2d=True)
         except (RuntimeError, OSError) as error:  # soundfile.LibsndfileError is a RuntimeError
-            raise CorruptSampleError(f"Audio file '{path}' cannot be read: {error}") from error
+            raise CorruptSampleError(
+                f"Audio file '{path}' cannot be read: {error}. Replace it with the clip from "
+                f"{ESC50_URL}, or set skip_corrupt: true to leave unreadable clips out."
+            ) from error
         waveform = torch.from_numpy(data).mean(dim=1, keepdim=True).T
         if rate != self.sample_rate:
             waveform = self.torchaudio.functional.resample(waveform, rate, self.sample_rate)

@@ -27,7 +27,7 @@ from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.pytorch.callbacks import Callback
 
 from lorae.data.robust import ResumableDataLoader
-from lorae.errors import LoraeError
+from lorae.errors import CheckpointReadError, UnsafeCheckpointError
 
 __all__ = [
     "CheckpointReadError",
@@ -37,14 +37,6 @@ __all__ = [
     "UnsafeCheckpointError",
     "load_checkpoint_safely",
 ]
-
-
-class UnsafeCheckpointError(LoraeError, ValueError):
-    """A checkpoint holds Python objects that would run code when unpickled."""
-
-
-class CheckpointReadError(LoraeError, ValueError):
-    """A checkpoint file is truncated or not a checkpoint."""
 
 
 def load_checkpoint_safely(path: str | Path, map_location: Any = "cpu") -> Any:

@@ -9,7 +9,7 @@ import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from torch import Tensor
 
-from lorae.errors import ConfigError, LoraeError
+from lorae.errors import ConfigError, NonFiniteLossError
 
 __all__ = [
     "FiniteLossGuard",
@@ -17,10 +17,6 @@ __all__ = [
     "NonFiniteLossError",
     "out_of_memory_message",
 ]
-
-
-class NonFiniteLossError(LoraeError, FloatingPointError):
-    """The training loss became NaN or infinite."""
 
 
 def _saved_checkpoints(trainer: pl.Trainer) -> list[str]:

@@ -106,3 +106,17 @@ def test_errors(root: Path, tmp_path: Path) -> None:
     data = ESC50DataModule(str(copy), test_fold=1, **SMALL)
     with pytest.raises(CorruptSampleError, match=wav.name):
         data.test_dataset[0]
+
+
+def test_corrupt_wav_skipped_and_counted(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    copy = write_esc50(tmp_path / "bad", clips_per_fold=2)
+    wav = next((copy / "audio").glob("1-*.wav"))
+    wav.write_bytes(b"RIFF....not audio")
+    data = ESC50DataModule(str(copy), test_fold=1, skip_corrupt=True, batch_size=2, **SMALL)
+    batches = list(data.test_dataloader())
+    assert sum(len(target) for _, target in batches) == len(data.test_dataset) - 1
+    data.teardown("test")
+    err = capsys.readouterr().err
+    assert wav.name in err and "lorae: skipped 1 corrupt sample(s) during test" in err

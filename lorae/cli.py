@@ -210,12 +210,14 @@ class LoraeCLI(LightningCLI):
         report = test_report(
             self.trainer, self.model, ckpt_path, self.config[self.subcommand].get("plots")
         )
-        path = write_metrics(
-            log_dir / "metrics.json",
-            metrics,
-            {"checkpoint": ckpt_path, "method": self.model.method.identity(), **report},
-        )
-        print(f"Test metrics written to {path}")
+        if self.trainer.is_global_zero:  # one writer: under DDP every rank holds the same values
+            path = write_metrics(
+                log_dir / "metrics.json",
+                metrics,
+                {"checkpoint": ckpt_path, "method": self.model.method.identity(), **report},
+            )
+            print(f"Test metrics written to {path}")
+        self.trainer.strategy.barrier()
 
 
 def main(args: list[str] | None = None) -> None:

@@ -6,6 +6,7 @@ import csv
 import importlib.util
 import json
 import math
+import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -31,7 +32,9 @@ def write_metrics(
     values = {k: float(v) for k, v in metrics.items()}
     clean = {k: (None if math.isnan(v) else v) for k, v in sorted(values.items())}
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"metrics": clean, **extra}, indent=2) + "\n")
+    partial = path.with_name(f".{path.name}.partial-{os.getpid()}")
+    partial.write_text(json.dumps({"metrics": clean, **extra}, indent=2) + "\n")
+    os.replace(partial, path)  # readers never see a half-written file
     return path
 
 

@@ -191,3 +191,42 @@ def test_cost_report_without_measurements() -> None:
     assert report["inference_seconds_per_sample"] is None
     assert report["checkpoint_bytes"] is None
     assert report["parameters"]["total"] == 6
+
+
+@pytest.mark.parametrize("kind", ["lora", "explicit", "batch_ensemble", "batch_ensemble_pp"])
+def test_weight_space_analysis_reads_every_method_with_member_weights(kind: str) -> None:
+    """`lorae analyze` works on any method's member_weights(), not only LoRA-Ensemble's: every
+    block and projection is reported and the update spectra equal numpy's SVD of W_i - W_0."""
+    from lorae.methods import BatchEnsemble, ExplicitEnsemble, LoRAEnsemble
+    from lorae.tools.analyze import analyze_weights
+    from tests.fixtures.models import TINY_BACKBONES
+
+    name, overrides = TINY_BACKBONES["timm_vit"]
+    common: dict[str, object] = {"pretrained": False, "backbone_overrides": overrides}
+    torch.manual_seed(0)
+    model = {
+        "lora": lambda: LoRAEnsemble(4, name, num_members=3, rank=2, **common),
+        "explicit": lambda: ExplicitEnsemble(4, name, num_members=3, noise_alpha=0.1, **common),
+        "batch_ensemble": lambda: BatchEnsemble(4, name, num_members=3, **common),
+        "batch_ensemble_pp": lambda: BatchEnsemble(
+            4, name, num_members=3, variant="additive", **common
+        ),
+    }[kind]()
+    if kind == "lora":  # B = 0 at init: give the members distinct updates first
+        with torch.no_grad():
+            for parameter in model.parameters():
+                if parameter.requires_grad and parameter.dim() >= 3:  # A and B factors
+                    parameter.normal_()
+    weights = model.member_weights()
+    depth = len(model.backbone.model.blocks) if kind != "explicit" else 2
+    assert set(weights) == {f"{b}.{p}" for b in range(depth) for p in "qkvo"}
+    result = analyze_weights(weights, top_k=2, threshold=0.5)
+    assert isinstance(result["diversity_score_v"], float)
+    reference, members = weights["1.v"]
+    for i in range(3):
+        delta = (members[i] - reference).detach().double().numpy()
+        expected = np.linalg.svd(delta, compute_uv=False)[:4]
+        got = np.asarray(result["projections"]["1.v"]["delta_singular_values"][i])
+        # float32 weights: values below rank R are rounding noise, compared to the top one
+        np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6 * expected[0])
+        assert expected[0] > 0, "members differ from the pretrained weights"

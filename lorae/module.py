@@ -176,8 +176,12 @@ class EnsembleClassifier(pl.LightningModule):
 
     def configure_callbacks(self) -> list[pl.Callback]:
         """lorae's fault-tolerance callbacks (:func:`lorae.training.default_callbacks`) and the
-        method's own (see :meth:`EnsembleMethod.callbacks`)."""
-        return [*default_callbacks(), *self.method.callbacks()]
+        method's own (see :meth:`EnsembleMethod.callbacks`). A trainer that already holds one
+        of a kind (``test_after_fit`` reuses the fit's trainer) keeps it, instead of Lightning
+        replacing it with a fresh copy and warning about the override."""
+        attached = {type(c) for c in self.trainer.callbacks}  # type: ignore[attr-defined]
+        callbacks = [*default_callbacks(), *self.method.callbacks()]
+        return [c for c in callbacks if type(c) not in attached]
 
     def configure_optimizers(self) -> Any:
         params = [p for p in self.parameters() if p.requires_grad]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import math
 import subprocess
 import sys
@@ -486,3 +487,25 @@ def test_python_m_lorae_help() -> None:
     assert result.returncode == 0, result.stderr
     for subcommand in SUBCOMMANDS:
         assert subcommand in result.stdout
+
+
+def test_test_after_fit_keeps_the_fit_callbacks(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The test after `fit` reuses the fit's trainer: lorae's callbacks are attached once, so
+    Lightning does not replace them and print its override notice to the user."""
+    setup = make_setup(SETUPS[0], tmp_path)
+    cfg = write_config(tmp_path / "config.yaml", setup.config)
+    with caplog.at_level(logging.INFO, logger="lightning.pytorch"):
+        run_cli(
+            [
+                "fit",
+                "--config",
+                str(cfg),
+                *FAST,
+                f"--trainer.default_root_dir={tmp_path / 'r'}",
+                "--test_after_fit=true",
+            ]
+        )
+    assert "will override existing callbacks" not in caplog.text
+    assert only_file(tmp_path / "r", "metrics.json").is_file()

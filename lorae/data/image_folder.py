@@ -12,8 +12,8 @@ from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS
 from torchvision.transforms import InterpolationMode, v2
 
-from lorae.backbones.registry import IMAGENET, image_preprocessing
 from lorae.data.base import ClassificationDataModule, TransformedDataset, split_indices
+from lorae.data.transforms import ImageTransforms
 from lorae.errors import ConfigError, CorruptSampleError, DataNotFoundError
 
 __all__ = ["ImageFolderDataModule"]
@@ -134,19 +134,8 @@ class ImageFolderDataModule(ClassificationDataModule):
             seed=seed,
             skip_corrupt=skip_corrupt,
         )
-        published = IMAGENET if backbone is None else image_preprocessing(backbone)
-        image_size = published.image_size if image_size is None else image_size
-        mean = published.mean if mean is None else mean
-        std = published.std if std is None else std
-        if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1:
-            raise ConfigError(f"image_size must be a positive integer, got {image_size!r}.")
-        if len(mean) != 3 or len(std) != 3:
-            raise ConfigError(
-                f"mean and std need one value per RGB channel (3 each), got mean={mean!r}, "
-                f"std={std!r}."
-            )
-        if any(s <= 0 for s in std):
-            raise ConfigError(f"std values must be positive, got {std!r}.")
+        # the backbone's published size and normalisation, overrides validated
+        resolved = ImageTransforms.for_backbone(backbone, image_size, mean, std)
         if (
             isinstance(test_fraction, bool)
             or not isinstance(test_fraction, (int, float))
@@ -157,9 +146,9 @@ class ImageFolderDataModule(ClassificationDataModule):
                 f"test split when test/ is missing), got {test_fraction!r}."
             )
         self.root = Path(root)
-        self.image_size = image_size
-        self.mean = tuple(float(m) for m in mean)
-        self.std = tuple(float(s) for s in std)
+        self.image_size = resolved.image_size
+        self.mean = resolved.mean
+        self.std = resolved.std
         self.augment = augment
         self.test_fraction = float(test_fraction)
 

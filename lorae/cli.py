@@ -220,6 +220,33 @@ class LoraeCLI(LightningCLI):
         self.trainer.strategy.barrier()
 
 
+def build_cli(args: list[str] | None, run: bool = True) -> LoraeCLI:
+    """The one way lorae builds its LightningCLI (the ``lorae`` command and tools such as
+    ``lorae crossval`` share it, so defaults cannot drift apart).
+
+    Args:
+        args: command-line arguments; ``None`` reads ``sys.argv``. With ``run=False`` they
+            hold no subcommand, only options.
+        run: run the subcommand (``False``: only build model, data and trainer).
+    """
+    return LoraeCLI(
+        EnsembleClassifier,
+        ClassificationDataModule,
+        subclass_mode_data=True,
+        trainer_defaults={"gradient_clip_val": 1.0},
+        args=args,
+        run=run,
+        auto_configure_optimizers=False,
+        parser_kwargs={
+            "description": "lorae: LoRA-Ensemble, calibrated uncertainty from one frozen "
+            "transformer. Subcommands: fit, validate, test, predict; each takes "
+            "--config FILE and any option as --key=value (see --help of a subcommand)."
+            + (f"\nTools (lorae TOOL --help):\n{tools.describe()}" if tools.TOOLS else ""),
+            "formatter_class": argparse.RawDescriptionHelpFormatter,
+        },
+    )
+
+
 def main(args: list[str] | None = None) -> None:
     """Entry point of the ``lorae`` console script and ``python -m lorae``.
 
@@ -233,21 +260,7 @@ def main(args: list[str] | None = None) -> None:
             if code:
                 raise SystemExit(code)
             return
-        LoraeCLI(
-            EnsembleClassifier,
-            ClassificationDataModule,
-            subclass_mode_data=True,
-            trainer_defaults={"gradient_clip_val": 1.0},
-            args=args,
-            auto_configure_optimizers=False,
-            parser_kwargs={
-                "description": "lorae: LoRA-Ensemble, calibrated uncertainty from one frozen "
-                "transformer. Subcommands: fit, validate, test, predict; each takes "
-                "--config FILE and any option as --key=value (see --help of a subcommand)."
-                + (f"\nTools (lorae TOOL --help):\n{tools.describe()}" if tools.TOOLS else ""),
-                "formatter_class": argparse.RawDescriptionHelpFormatter,
-            },
-        )
+        build_cli(args)
     except SIGTERMException as error:
         # Lightning stops a pre-empted run with a SystemExit of code 0; a scheduler must not
         # take it for a finished job. 128 + 15 is the shell's code for "ended by SIGTERM".

@@ -86,7 +86,7 @@ def _predict(model: EnsembleClassifier, data: ClassificationDataModule) -> tuple
 def _fit_fold(
     configs: list[str], fold: int, root: Path, extra: list[str], checkpoint: Literal["last", "best"]
 ) -> tuple[Tensor, Tensor, int, int]:
-    from lorae.cli import LoraeCLI
+    from lorae.cli import build_cli
     from lorae.training import load_checkpoint_safely
 
     args = [a for config in configs for a in ("--config", config)]
@@ -95,15 +95,7 @@ def _fit_fold(
         f"--data.init_args.test_fold={fold}",
         f"--trainer.default_root_dir={root}",
     ]
-    cli = LoraeCLI(
-        EnsembleClassifier,
-        ClassificationDataModule,
-        subclass_mode_data=True,
-        trainer_defaults={"gradient_clip_val": 1.0},
-        args=args,
-        auto_configure_optimizers=False,
-        run=False,
-    )
+    cli = build_cli(args, run=False)
     if not hasattr(cli.datamodule, "test_fold"):
         raise ConfigError(
             f"lorae crossval needs a data module with folds (test_fold), e.g. ESC50DataModule; "

@@ -23,6 +23,7 @@ from lightning.pytorch.plugins.io import CheckpointIO
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from lorae import methods, tools
+from lorae.adapters import is_adapter_checkpoint
 from lorae.analysis.report import attach_test_callbacks, test_report
 from lorae.data.base import ClassificationDataModule
 from lorae.errors import ConfigError, LoraeError
@@ -61,6 +62,9 @@ def unknown_method_check(message: str) -> None:
 
 class LoraeCLI(LightningCLI):
     """LightningCLI with lorae's links, defaults and result files."""
+
+    #: set by :meth:`parse_arguments`: the ``--ckpt_path`` file holds only adapters.
+    adapter_checkpoint: bool = False
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.link_arguments("data.num_classes", "model.num_classes", apply_on="instantiate")
@@ -118,7 +122,7 @@ class LoraeCLI(LightningCLI):
         subcommand = self.config.get("subcommand")
         ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
         if ckpt_path and Path(ckpt_path).is_file():
-            load_checkpoint_safely(ckpt_path)
+            self.adapter_checkpoint = is_adapter_checkpoint(load_checkpoint_safely(ckpt_path))
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         """The trainer, with :class:`SafeCheckpointIO` (atomic writes, data-only loading)
@@ -133,6 +137,8 @@ class LoraeCLI(LightningCLI):
         """Evaluating a checkpoint needs no pretrained download: the checkpoint holds every
         weight, the frozen backbone included, so the backbone is built randomly initialised
         and then overwritten. This keeps `lorae test` working on machines without internet.
+        An adapter-only checkpoint (``model.checkpoint: adapters``) lacks the backbone: the
+        configured ``pretrained`` weights are loaded (and checked against its fingerprint).
 
         Resuming (``fit --ckpt_path``) writes into the interrupted run's folder, so the saved
         ``config.yaml`` there may be overwritten instead of aborting the resume.
@@ -143,6 +149,8 @@ class LoraeCLI(LightningCLI):
         if self.subcommand == "fit" and config.get("ckpt_path"):
             self.save_config_kwargs["overwrite"] = True
         if self.subcommand == "fit" or not config.get("ckpt_path"):
+            return
+        if self.adapter_checkpoint:  # it needs the pretrained backbone
             return
         init_args = config.model.method.get("init_args")
         if init_args is not None and init_args.get("pretrained") not in (None, False):

@@ -17,6 +17,14 @@ import torch
 from lightning.pytorch.cli import OptimizerCallable
 from torch import Tensor
 
+from lorae.adapters import (
+    ADAPTERS_KEY,
+    CheckpointContents,
+    checkpoint_record,
+    method_config,
+    restore_checkpoint,
+    strip_checkpoint,
+)
 from lorae.backbones.base import Inputs
 from lorae.errors import CheckpointMismatchError, ConfigError
 from lorae.methods.base import EnsembleMethod, describe_mismatch
@@ -53,6 +61,11 @@ class EnsembleClassifier(pl.LightningModule):
         class_weights: optional per-class cross-entropy weights (length C).
         ece_bins: equal-width bins of the expected calibration error (10, as the reference
             code that produced the paper's numbers).
+        checkpoint: what checkpoints store: ``"full"`` (every weight) or ``"adapters"`` (only
+            trainable parameters and buffers, e.g. LoRA factors, heads, snapshots; the frozen
+            pretrained backbone is left out and identified by a fingerprint, see
+            :mod:`lorae.adapters`). Loading an adapter-only checkpoint needs the same
+            ``pretrained`` weights; either kind loads whatever this option says.
 
     Logged metrics (``{stage}/`` prefix for ``val`` and ``test``): ``acc``, ``f1`` (macro),
     ``ece``, ``nll``, ``brier`` of the ensemble predictive, ``member_acc/{i}`` per member, and
@@ -74,9 +87,14 @@ class EnsembleClassifier(pl.LightningModule):
         warmup_steps: int = 500,
         class_weights: list[float] | None = None,
         ece_bins: int = 10,
+        checkpoint: CheckpointContents = "full",
     ) -> None:
         super().__init__()
         self.method = method(num_classes)
+        self.method_config = method_config(method)  # recorded in checkpoints, for exports
+        if checkpoint not in ("full", "adapters"):
+            raise ConfigError(f"checkpoint must be 'full' or 'adapters', got {checkpoint!r}.")
+        self.checkpoint_contents: CheckpointContents = checkpoint
         self.num_classes = num_classes
         self.optimizer = optimizer
         self.lr_decay = lr_decay
@@ -202,6 +220,10 @@ class EnsembleClassifier(pl.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint[CHECKPOINT_KEY] = self.method.identity()
+        record = checkpoint_record(self.method, self.checkpoint_contents, self.method_config)
+        checkpoint[ADAPTERS_KEY] = record
+        if self.checkpoint_contents == "adapters":
+            strip_checkpoint(checkpoint, record)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         saved = checkpoint.get(CHECKPOINT_KEY)
@@ -215,3 +237,4 @@ class EnsembleClassifier(pl.LightningModule):
                 + "\nUse the config the checkpoint was trained with (saved as config.yaml next "
                 "to its logs) or set these options to the checkpoint's values."
             )
+        restore_checkpoint(checkpoint, self.method)  # adapter-only: add the frozen weights

@@ -24,6 +24,10 @@ TOOLS: dict[str, tuple[str, str]] = {
         "lorae.tools.crossval:main",
         "train every fold (ESC-50) and evaluate the pooled held-out predictions",
     ),
+    "export": (
+        "lorae.tools.export:main",
+        "write a checkpoint's adapters (not the frozen backbone) to one .safetensors file",
+    ),
 }
 
 

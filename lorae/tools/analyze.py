@@ -2,8 +2,10 @@
 
     lorae analyze --config run/config.yaml --ckpt_path run/checkpoints/best.ckpt --output_dir out
 
-Builds the model and data module from the config (as ``lorae test`` does, without downloading
-pretrained weights: the checkpoint holds every weight), runs the chosen split, and writes:
+Builds the model and data module from the config (as ``lorae test`` does: a full checkpoint
+holds every weight, so no pretrained weights are downloaded; an adapter-only checkpoint,
+``model.checkpoint: adapters``, needs the pretrained backbone it was trained on), runs the
+chosen split, and writes:
 
 - ``analysis.json``: per-member and ensemble accuracy, the ensemble-size curve, the mean
   disagreement, Jensen-Shannon divergence (bits) and mutual information (nats), their
@@ -134,19 +136,29 @@ def analyze_weights(
 
 def _build(configs: list[str], ckpt_path: str, overrides: list[str]) -> tuple[Any, Any]:
     """The model (checkpoint loaded) and data module of a config, built like `lorae test`."""
+    from lorae.adapters import is_adapter_checkpoint
     from lorae.cli import LoraeCLI
     from lorae.data.base import ClassificationDataModule
     from lorae.module import EnsembleClassifier
     from lorae.training.checkpointing import load_checkpoint_safely
 
+    if not Path(ckpt_path).is_file():
+        raise DataNotFoundError(f"Checkpoint '{ckpt_path}' does not exist.")
+    checkpoint = load_checkpoint_safely(ckpt_path)
+    # A full checkpoint holds every weight, so the pretrained download is skipped; an
+    # adapter-only one needs the pretrained backbone it was trained on.
+    holds_every_weight = not is_adapter_checkpoint(checkpoint)
+
     class _AnalyzeCLI(LoraeCLI):
         def before_instantiate_classes(self) -> None:
             init_args = self.config.model.method.get("init_args")
-            if init_args is not None and init_args.get("pretrained") not in (None, False):
-                init_args.pretrained = False  # the checkpoint holds every weight
+            if (
+                holds_every_weight
+                and init_args is not None
+                and init_args.get("pretrained") not in (None, False)
+            ):
+                init_args.pretrained = False
 
-    if not Path(ckpt_path).is_file():
-        raise DataNotFoundError(f"Checkpoint '{ckpt_path}' does not exist.")
     args = [a for c in configs for a in ("--config", c)] + overrides
     argv, sys.argv = sys.argv, sys.argv[:1]  # LightningCLI warns when both are set
     try:
@@ -161,8 +173,7 @@ def _build(configs: list[str], ckpt_path: str, overrides: list[str]) -> tuple[An
         )
     finally:
         sys.argv = argv
-    checkpoint = load_checkpoint_safely(ckpt_path)
-    cli.model.on_load_checkpoint(checkpoint)  # identity check with a clear message
+    cli.model.on_load_checkpoint(checkpoint)  # identity check; fills an adapter-only one
     cli.model.load_state_dict(checkpoint["state_dict"])
     return cli.model, cli.datamodule
 

@@ -109,8 +109,9 @@ def _fit_fold(
             raise ConfigError(
                 "--checkpoint best needs a ModelCheckpoint with a monitor in the config."
             )
-        state = load_checkpoint_safely(best)["state_dict"]
-        cli.model.load_state_dict(state)
+        best_checkpoint = load_checkpoint_safely(best)
+        cli.model.on_load_checkpoint(best_checkpoint)  # fills an adapter-only checkpoint
+        cli.model.load_state_dict(best_checkpoint["state_dict"])
     logits, targets = _predict(cli.model, cli.datamodule)
     return logits, targets, cli.model.num_classes, cli.model.ece_bins
 

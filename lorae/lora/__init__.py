@@ -1,5 +1,14 @@
-"""LoRA-Ensemble engine: batched low-rank layers, the MHA replacement, injection, targets."""
+"""LoRA-Ensemble engine: batched low-rank layers, the MHA replacement, injection, targets,
+member chunks and the shared trunk."""
 
+from lorae.lora.chunks import (
+    DEFAULT_ROW_BUDGET,
+    ROW_BUDGET,
+    MemberChunkSize,
+    auto_chunk_size,
+    member_chunks,
+    member_factors,
+)
 from lorae.lora.inject import (
     BackboneTraining,
     attention_parts,
@@ -12,9 +21,12 @@ from lorae.lora.inject import (
 from lorae.lora.layers import LoRAEnsembleFusedLinear, LoRAEnsembleLinear, LoRAInit, lora_scale
 from lorae.lora.mha import MultiheadSelfAttention, replace_multihead_attention
 from lorae.lora.targets import ATTENTION, TARGETS, BackboneFamily, FamilyTargets, Projection
+from lorae.lora.trunk import SharedTrunk, transformer_blocks
 
 __all__ = [
     "ATTENTION",
+    "DEFAULT_ROW_BUDGET",
+    "ROW_BUDGET",
     "TARGETS",
     "BackboneFamily",
     "BackboneTraining",
@@ -22,14 +34,20 @@ __all__ = [
     "LoRAEnsembleFusedLinear",
     "LoRAEnsembleLinear",
     "LoRAInit",
+    "MemberChunkSize",
     "MultiheadSelfAttention",
     "Projection",
+    "SharedTrunk",
     "attention_parts",
+    "auto_chunk_size",
     "family_targets",
     "inject_lora",
     "lora_layers",
     "lora_scale",
+    "member_chunks",
+    "member_factors",
     "replace_multihead_attention",
     "replace_projections",
     "train_backbone_weights",
+    "transformer_blocks",
 ]

@@ -80,7 +80,10 @@ def replace_projections(
             f"targets must be a non-empty subset of {sorted(allowed)}, got {list(targets)}."
         )
     if last_blocks is not None and last_blocks < 1:
-        raise ConfigError(f"last_blocks must be >= 1 or None, got {last_blocks}.")
+        raise ConfigError(
+            f"last_blocks must be >= 1 or None here, got {last_blocks} (for no adapters at "
+            "all, LoRAEnsemble takes last_blocks: 0, the head-only ensemble)."
+        )
     if spec.prepare is not None:
         spec.prepare(model)
     candidates = _find_targets(model, spec)

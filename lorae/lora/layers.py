@@ -6,6 +6,10 @@ pretrained weight ``W_0`` is shared and kept once; every member owns ``A_i (R, D
 being sample ``b`` of member ``m``, so the base projection runs once over the whole batch and
 all members' low-rank deltas are added with one batched matmul over the member axis (no
 Python loop over members, no per-member weight copies).
+
+The member count is read from ``A``, so the same layer runs any stack of factors passed
+with ``torch.func.functional_call``: a chunk of members (views ``A[m0:m0+k]``, see
+:mod:`lorae.lora.chunks`), snapshots or posterior samples.
 """
 
 from __future__ import annotations
@@ -141,18 +145,45 @@ class LoRAEnsembleLinear(nn.Module):
 
     def up_projection(self) -> Tensor:
         """The ``B`` factors laid out for one batched matmul. Shape: ``(M, D_out, P*R)``."""
-        return self.B
+        return self._up(self.B)
+
+    def _up(self, b: Tensor) -> Tensor:
+        """``b`` (shaped like ``B``) laid out as ``(M, D_out, P*R)``; here it already is."""
+        return b
 
     def forward(self, x: Tensor) -> Tensor:
+        """Base projection once for all rows, plus every member's delta.
+
+        Two ways to add the delta, by what is faster (single-layer timings in
+        docs/design.md): with autograd recording, one out-of-place ``baddbmm`` (an in-place
+        add into a view would make backward clone the whole output gradient); without it
+        (inference), in place into the frozen layer's output (no extra ``(M, N, D_out)``
+        buffer).
+
+        Shape:
+            ``(M*B, ..., D_in) -> (M*B, ..., D_out)``, member-major
+        """
+        a, b, m = self.A, self.B, self.num_members
         out = self.base(x)
-        xm = _members_view(x, self.num_members)  # (M, N, D_in)
-        hidden = torch.bmm(xm, self.down_projection().transpose(1, 2).to(xm.dtype))  # (M, N, P*R)
-        up = self.up_projection().to(out.dtype)
-        # Add in place into the frozen layer's output: no extra (M, N, D_out) buffer.
-        out.view(self.num_members, -1, out.shape[-1]).baddbmm_(
-            hidden.to(out.dtype), up.transpose(1, 2), alpha=self.scale
-        )
+        xm = _members_view(x, m)  # (M, N, D_in)
+        # Under autocast torch.bmm runs in bf16 and the base output is bf16; the explicit
+        # casts keep every add dtype-consistent (also for bf16 inputs without autocast).
+        hidden = torch.bmm(xm, a.reshape(m, -1, a.shape[-1]).transpose(1, 2).to(xm.dtype))
+        hidden = hidden.to(out.dtype)  # (M, N, P*R)
+        out_m = out.view(m, -1, out.shape[-1])  # (M, N, D_out)
+        if torch.is_grad_enabled() and (out.requires_grad or hidden.requires_grad):
+            up = self._up(b).to(out.dtype).transpose(1, 2)
+            return torch.baddbmm(out_m, hidden, up, alpha=self.scale).view(out.shape)
+        self._add_delta_(out_m, hidden, b)
         return out
+
+    def _add_delta_(self, out: Tensor, hidden: Tensor, b: Tensor) -> None:
+        """``out += scale * hidden @ B^T`` per member, in place.
+
+        Shape:
+            out ``(M, N, D_out)``, hidden ``(M, N, R)``, b ``(M, D_out, R)``
+        """
+        out.baddbmm_(hidden, b.transpose(1, 2).to(out.dtype), alpha=self.scale)
 
     def delta_weight(self) -> Tensor:
         """Every member's weight update ``(alpha/R) B_i A_i``. Shape: ``(M, D_out, D_in)``."""
@@ -167,8 +198,10 @@ class LoRAEnsembleFusedLinear(LoRAEnsembleLinear):
 
     The fused output is made of equal parts (``q``, ``k``, ``v``); each enabled part gets its
     own delta ``B_{i,p} A_{i,p}`` exactly as if q, k and v were separate ``nn.Linear`` layers.
-    All parts are computed with the same two batched matmuls: the ``A`` factors are stacked
-    along the rank axis and the ``B`` factors placed block-diagonally.
+    All parts share one batched down projection (the ``A`` factors stacked along the rank
+    axis). Up projection: with autograd recording, one batched matmul with the ``B`` factors
+    placed block-diagonally; in inference, one in-place ``baddbmm_`` per enabled part into
+    its own output slice (no zero blocks).
 
     Args:
         base: the fused frozen projection, ``out_features = len(parts) * D_part``.
@@ -219,15 +252,33 @@ class LoRAEnsembleFusedLinear(LoRAEnsembleLinear):
         )
         self._slots = [self.parts.index(p) for p in self.enabled]
 
-    def up_projection(self) -> Tensor:
+    def _add_delta_(self, out: Tensor, hidden: Tensor, b: Tensor) -> None:
+        """Each enabled part's delta written in place straight into its own output slice.
+
+        One ``baddbmm_`` per part on a strided view of the output: no block-diagonal ``B``
+        (a fresh zero tensor) and no multiplications by its zeros.
+
+        Shape:
+            out ``(M, N, len(parts) * D_part)``, hidden ``(M, N, P * R)``,
+            b ``(M, P, D_part, R)``
+        """
+        part_dim = b.shape[2]
+        for j, slot in enumerate(self._slots):
+            out[:, :, slot * part_dim : (slot + 1) * part_dim].baddbmm_(
+                hidden[:, :, j * self.rank : (j + 1) * self.rank],
+                b[:, j].transpose(1, 2).to(out.dtype),
+                alpha=self.scale,
+            )
+
+    def _up(self, b: Tensor) -> Tensor:
         """Block-diagonal ``B``: part p's delta only writes its own output slice.
 
-        Shape: ``(M, len(parts) * D_part, P * R)``.
+        Shape: ``(M, P, D_part, R) -> (M, len(parts) * D_part, P * R)``.
         """
-        m, n, part_dim, rank = self.B.shape
-        full = self.B.new_zeros(m, len(self.parts), part_dim, n, rank)
+        m, n, part_dim, rank = b.shape
+        full = b.new_zeros(m, len(self.parts), part_dim, n, rank)
         for j, slot in enumerate(self._slots):
-            full[:, slot, :, j] = self.B[:, j]
+            full[:, slot, :, j] = b[:, j]
         return full.reshape(m, len(self.parts) * part_dim, n * rank)
 
     def extra_repr(self) -> str:

@@ -40,12 +40,15 @@ class FamilyTargets:
             "tokenizer", or the token embeddings), which some variants train.
         block: regex matching the start of every parameter name inside transformer block k
             (group 1 is k), for per-block options such as weight noise on the last blocks.
+        block_module: full-match regex of the transformer block modules themselves (group 1
+            is k): where a shared trunk fans out to the members (:mod:`lorae.lora.trunk`).
         prepare: optional in-place rewrite run before matching (returns what it replaced).
     """
 
     linear: Mapping[str, str]
     embedding: str
     block: str
+    block_module: str
     fused_qkv: str | None = None
     prepare: Callable[[nn.Module], list[str]] | None = field(default=None, compare=False)
 
@@ -55,12 +58,14 @@ TARGETS: dict[str, FamilyTargets] = {
         fused_qkv=r"blocks\.(\d+)\.attn\.qkv",
         embedding=r"patch_embed",
         block=r"blocks\.(\d+)\.",
+        block_module=r"blocks\.(\d+)",
         linear={"o": r"blocks\.(\d+)\.attn\.proj", "mlp": r"blocks\.(\d+)\.mlp\.fc[12]"},
     ),
     "torchvision_vit": FamilyTargets(
         fused_qkv=r"encoder\.layers\.encoder_layer_(\d+)\.self_attention\.qkv",
         embedding=r"conv_proj",
         block=r"encoder\.layers\.encoder_layer_(\d+)\.",
+        block_module=r"encoder\.layers\.encoder_layer_(\d+)",
         linear={
             "o": r"encoder\.layers\.encoder_layer_(\d+)\.self_attention\.proj",
             "mlp": r"encoder\.layers\.encoder_layer_(\d+)\.mlp\.[03]",
@@ -70,6 +75,7 @@ TARGETS: dict[str, FamilyTargets] = {
     "hf_bert": FamilyTargets(
         embedding=r"embeddings",
         block=r"encoder\.layer\.(\d+)\.",
+        block_module=r"encoder\.layer\.(\d+)",
         linear={
             "q": r"encoder\.layer\.(\d+)\.attention\.self\.query",
             "k": r"encoder\.layer\.(\d+)\.attention\.self\.key",

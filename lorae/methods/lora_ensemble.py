@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor
+from torch.func import functional_call
 
 from lorae.backbones import create_backbone
 from lorae.backbones.base import Inputs, Pretrained
+from lorae.errors import ConfigError
 from lorae.heads import HeadKind, make_head
 from lorae.lora import (
     ATTENTION,
@@ -20,8 +23,11 @@ from lorae.lora import (
     Projection,
     attention_parts,
     inject_lora,
+    lora_layers,
     train_backbone_weights,
 )
+from lorae.lora.chunks import MemberChunkSize, check_chunk_size, member_chunks, member_factors
+from lorae.lora.trunk import SharedTrunk, first_block
 from lorae.methods.base import EnsembleMethod, repeat_members
 
 
@@ -29,10 +35,21 @@ class LoRAEnsemble(EnsembleMethod):
     """Implicit ensemble: member i uses ``W + (alpha/R) B_i A_i`` on every adapted projection
     (paper Eq. 3) and its own classifier head; the pretrained weights are frozen and shared.
 
-    All members run in one batched forward pass: the input is repeated member-major and each
-    LoRA layer adds all members' deltas with one batched matmul. ``num_members=1`` is the
-    paper's "single network with LoRA" baseline (with ``rank: 128`` its high-rank variant,
-    Tab. 7); no separate code path.
+    Members run batched: the input is repeated member-major and each LoRA layer adds all
+    members' deltas with one batched matmul (all members in one pass, or chunks of them).
+    ``num_members=1`` is the paper's "single network with LoRA" baseline (with ``rank: 128``
+    its high-rank variant, Tab. 7); no separate code path.
+
+    Execution options that never change the results (up to float rounding): members can run
+    in chunks through the whole backbone (``member_chunk_size``, :mod:`lorae.lora.chunks`);
+    with ``last_blocks`` the blocks before the first adapted one run once on the B samples
+    and fan out to the members there (a shared trunk, :mod:`lorae.lora.trunk`; in training
+    the trunk's dropout masks are then shared by the members); ``compile`` compiles the
+    backbone network with ``torch.compile`` (parameter names and checkpoints unchanged).
+
+    ``last_blocks: 0`` is the head-only ensemble of the paper's Tab. 13 comparison ("trainable
+    ensemble head", our reading): no adapters at all, the backbone runs once on the B samples
+    and the M per-member heads are the only member-specific (trainable) part.
 
     The variants the paper studies are options, not classes: ``targets`` with ``mlp`` (LoRA
     on the MLP too), ``last_blocks`` (LoRA only in the last k blocks), ``train_backbone``
@@ -47,7 +64,8 @@ class LoRAEnsemble(EnsembleMethod):
         rank: LoRA rank R (paper: 8 for ViT, 64 for BERT).
         alpha: LoRA scale numerator; ``None`` is ``alpha = rank`` (scale 1, as the paper).
         targets: projections that get LoRA: ``q``, ``k``, ``v``, ``o`` (default) and ``mlp``.
-        last_blocks: adapt only the last k transformer blocks (``None``: all).
+        last_blocks: adapt only the last k transformer blocks (``None``: all; ``0``: none,
+            the head-only ensemble, which needs ``head: member``).
         init: ``A`` init, ``"xavier_uniform"`` (gain ``init_gain``, paper default 10) or
             ``"normal"`` (std ``init_std``) (paper appendix N).
         init_gain: Xavier-uniform gain.
@@ -56,6 +74,11 @@ class LoRAEnsemble(EnsembleMethod):
         head: ``"member"`` (one head per member, default) or ``"shared"``.
         pretrained: ``True`` (download), ``False`` (random) or a local weights path.
         backbone_overrides: architecture arguments for the backbone constructor.
+        member_chunk_size: members per forward chunk: ``None`` (all in one batch of M*B
+            rows), an int k, or ``"auto"`` (k*B near the device's row budget,
+            :data:`lorae.lora.chunks.ROW_BUDGET`).
+        compile: compile the backbone network with ``torch.compile`` (not the head); member
+            chunks of equal size share one compiled graph.
 
     Shape:
         inputs ``(B, ...)`` -> logits ``(M, B, C)``
@@ -77,31 +100,92 @@ class LoRAEnsemble(EnsembleMethod):
         head: HeadKind = "member",
         pretrained: Pretrained = True,
         backbone_overrides: Mapping[str, Any] | None = None,
+        member_chunk_size: MemberChunkSize = "auto",
+        compile: bool = False,
     ) -> None:
         super().__init__()
+        check_chunk_size(member_chunk_size)
+        if last_blocks is not None and last_blocks < 0:
+            raise ConfigError(f"last_blocks must be >= 0 or null, got {last_blocks}.")
+        if last_blocks == 0 and head == "shared":
+            raise ConfigError(
+                "last_blocks: 0 (no adapters) with head: shared would make all members the "
+                "same network; use head: member (the head-only ensemble) or last_blocks >= 1."
+            )
         self.num_classes = num_classes
         self.num_members = num_members
         self.rank = rank
+        self.member_chunk_size = member_chunk_size
         self.backbone_name = backbone
         self.backbone = create_backbone(backbone, pretrained, backbone_overrides)
-        self.lora_modules = inject_lora(
-            self.backbone.model,
-            self.backbone.family,
-            num_members=num_members,
-            rank=rank,
-            targets=tuple(targets),
-            last_blocks=last_blocks,
-            alpha=alpha,
-            init=init,
-            init_gain=init_gain,
-            init_std=init_std,
+        model, family = self.backbone.model, self.backbone.family
+        if last_blocks == 0:
+            model.requires_grad_(False)
+            self.lora_modules: list[str] = []
+        else:
+            self.lora_modules = inject_lora(
+                model,
+                family,
+                num_members=num_members,
+                rank=rank,
+                targets=tuple(targets),
+                last_blocks=last_blocks,
+                alpha=alpha,
+                init=init,
+                init_gain=init_gain,
+                init_std=init_std,
+            )
+        # By name relative to self.backbone, for functional_call with a chunk's factors.
+        self._layers = {f"model.{n}": layer for n, layer in lora_layers(model).items()}
+        # The trunk is shared only when LoRA is restricted to the last blocks: with LoRA
+        # everywhere it would hold just the embedding, and members would share its dropout.
+        self._trunk = (
+            SharedTrunk(model, family, first_block(self.lora_modules, family))
+            if last_blocks is not None and self.lora_modules
+            else None
         )
-        train_backbone_weights(self.backbone.model, self.backbone.family, train_backbone)
+        train_backbone_weights(model, family, train_backbone)
         self.head = make_head(head, num_members, self.backbone.feature_dim, num_classes)
+        if compile:
+            model.compile()  # compiles the call in place: parameter names stay unchanged
 
     def forward(self, x: Inputs) -> Tensor:
-        features = self.backbone(repeat_members(x, self.num_members))  # (M*B, D)
-        return self.head(features)  # (M, B, C)
+        """All members' logits; chunks and the shared trunk change only how they are computed.
+
+        Shape:
+            ``(B, ...) -> (M, B, C)``
+        """
+        m = self.num_members
+        if not self._layers:  # the head-only ensemble: one backbone pass for all members
+            return self.head(self.backbone(x).repeat(m, 1))  # (M, B, C)
+        batch = _batch_size(x)
+        windows = self.member_chunks(batch, _device(x))
+        if len(windows) == 1 and self._trunk is None:
+            return self.head(self.backbone(repeat_members(x, m)))  # (M*B, D) -> (M, B, C)
+        features = []
+        try:
+            for i, window in enumerate(windows):
+                count = window.stop - window.start
+                factors = member_factors(self._layers, window) if count < m else {}
+                with self._fan_out(batch, count, i > 0):
+                    inputs = repeat_members(x, count)
+                    features.append(functional_call(self.backbone, factors, (inputs,)))
+        finally:
+            if self._trunk is not None:
+                self._trunk.release()
+        return self.head(torch.cat(features))  # (M, B, C)
+
+    def member_chunks(self, batch: int, device: torch.device) -> list[slice]:
+        """The member windows one forward pass runs for a batch of B samples on ``device``
+        (one window: all members in one batch; ``member_chunk_size`` resolved)."""
+        return member_chunks(self.num_members, batch, self.member_chunk_size, device)
+
+    def _fan_out(
+        self, batch: int, count: int, replay: bool
+    ) -> contextlib.AbstractContextManager[None]:
+        if self._trunk is None:
+            return contextlib.nullcontext()
+        return self._trunk.fan_out(batch, count, replay)
 
     @torch.no_grad()
     def member_weights(self) -> dict[str, tuple[Tensor, Tensor]]:
@@ -114,6 +198,8 @@ class LoRAEnsemble(EnsembleMethod):
         Shape:
             ``{"<block>.<q|k|v|o>": ((D_out, D_in), (M, D_out, D_in))}``
         """
+        if not self._layers:
+            return super().member_weights()  # head-only: no member-specific projections
         weights: dict[str, tuple[Tensor, Tensor]] = {}
         deltas: dict[int, Tensor] = {}
         model, family = self.backbone.model, self.backbone.family
@@ -129,6 +215,15 @@ class LoRAEnsemble(EnsembleMethod):
 
     def identity(self) -> dict[str, Any]:
         return {**super().identity(), "backbone": self.backbone_name, "rank": self.rank}
+
+
+def _batch_size(x: Inputs) -> int:
+    """B of an image tensor or of named token tensors."""
+    return int((x if isinstance(x, Tensor) else next(iter(x.values()))).shape[0])
+
+
+def _device(x: Inputs) -> torch.device:
+    return (x if isinstance(x, Tensor) else next(iter(x.values()))).device
 
 
 class LoRANetworkMethod(EnsembleMethod):

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from lorae.data.base import ClassificationDataModule, EvaluationSet
+from lorae.data.base import ClassificationDataModule, EvaluationSet, split_indices
 from lorae.errors import ConfigError, CorruptSampleError, DataNotFoundError, LoraeError
 
 if TYPE_CHECKING:
@@ -106,6 +106,26 @@ def _read_tsv(
             file=sys.stderr,
         )
     return table
+
+
+def _take(table: _Table, indices: list[int]) -> _Table:
+    """The rows ``indices`` of ``table``, in that order."""
+    return _Table(
+        table.path,
+        [table.texts[i] for i in indices],
+        [table.labels[i] for i in indices],
+        [table.lines[i] for i in indices],
+    )
+
+
+def _subset(table: _Table, limit: int, seed: int) -> _Table:
+    """``limit`` rows of ``table`` drawn without replacement with ``seed``, in file order
+    (all rows when it has no more than ``limit``)."""
+    n = len(table.labels)
+    if n <= limit:
+        return table
+    generator = torch.Generator().manual_seed(seed)
+    return _take(table, sorted(torch.randperm(n, generator=generator)[:limit].tolist()))
 
 
 def _download_sst2(root: Path) -> None:
@@ -213,8 +233,10 @@ class TextClassificationDataModule(ClassificationDataModule):
     Each file is tab-separated with a header row and no quoting (as in GLUE, sentences may
     contain quotes). GLUE's ``test.tsv`` has no labels, so like the LoRA-Ensemble paper the
     default test split is ``dev.tsv``; validation is carved out of training (``val_fraction``,
-    seeded) unless ``val_file`` is given. Each split is tokenized once at setup without padding;
-    batches are padded to their own longest sequence.
+    seeded) unless ``val_file`` is given, or carved out of the test file with
+    ``test_val_fraction``. ``train_limit``, ``test_limit`` and ``ood_limit`` take fixed
+    seeded subsets (``subset_seed``), e.g. for CPU-scale experiments. Each split is tokenized
+    once at setup without padding; batches are padded to their own longest sequence.
 
     Shape:
         - inputs: ``dict`` with ``input_ids``, ``attention_mask`` (and ``token_type_ids`` when
@@ -246,6 +268,18 @@ class TextClassificationDataModule(ClassificationDataModule):
         seed: Seed of the carved split and of the training shuffle.
         skip_corrupt: Leave malformed rows (too few fields, a label that is not a
             non-negative integer) out, reporting each and their count, instead of stopping.
+        train_limit: Keep only this many rows of ``train_file``, drawn with ``subset_seed``
+            (``None``: all), e.g. a fixed 4,000-sentence SST-2 subset.
+        test_val_fraction: Share of ``test_file`` carved out (with ``subset_seed``) as the
+            validation split instead of carving validation out of training; the rest stays
+            the test split, so the two are disjoint. ``0`` (default) keeps the usual split;
+            cannot be combined with ``val_file``.
+        test_limit: Keep only this many test rows (after carving validation), drawn with
+            ``subset_seed``.
+        ood_limit: Keep only this many ``ood_file`` texts, drawn with ``subset_seed``.
+        subset_seed: Seed of ``train_limit``, ``test_val_fraction``, ``test_limit`` and
+            ``ood_limit``; separate from ``seed`` so that the subsets stay the same when
+            the run's seed (training shuffle) changes.
 
     Raises:
         DataNotFoundError: If the folder, a file or the tokenizer cannot be found.
@@ -276,6 +310,11 @@ class TextClassificationDataModule(ClassificationDataModule):
         val_fraction: float = 0.1,
         seed: int = 0,
         skip_corrupt: bool = False,
+        train_limit: int | None = None,
+        test_val_fraction: float = 0.0,
+        test_limit: int | None = None,
+        ood_limit: int | None = None,
+        subset_seed: int = 0,
     ) -> None:
         super().__init__(
             batch_size=batch_size,
@@ -341,6 +380,43 @@ class TextClassificationDataModule(ClassificationDataModule):
         self.ood_text_column = ood_text_column
         self.ood_header = ood_header
         self.ood_name = ood_name
+        for name, limit in (
+            ("train_limit", train_limit),
+            ("test_limit", test_limit),
+            ("ood_limit", ood_limit),
+        ):
+            if limit is not None and (
+                isinstance(limit, bool) or not isinstance(limit, int) or limit < 1
+            ):
+                raise ConfigError(f"{name} must be a positive integer or None, got {limit!r}.")
+        if isinstance(subset_seed, bool) or not isinstance(subset_seed, int):
+            raise ConfigError(f"subset_seed must be an integer, got {subset_seed!r}.")
+        self.subset_seed = subset_seed
+        if (
+            isinstance(test_val_fraction, bool)
+            or not isinstance(test_val_fraction, (int, float))
+            or not 0.0 <= test_val_fraction < 1.0
+        ):
+            raise ConfigError(
+                f"test_val_fraction must be a number in [0, 1) (the share of the test file "
+                f"used as validation split), got {test_val_fraction!r}."
+            )
+        self.test_val_fraction = float(test_val_fraction)
+        if self.test_val_fraction > 0 and val_file is not None:
+            raise ConfigError(
+                "Give either val_file or test_val_fraction (validation carved out of the test "
+                "file), not both."
+            )
+        self.ood_limit = ood_limit
+        if train_limit is not None:
+            self._tables["train"] = _subset(self._tables["train"], train_limit, subset_seed)
+        if self.test_val_fraction > 0:
+            test = self._tables["test"]
+            rest, val = split_indices(len(test.labels), [self.test_val_fraction], subset_seed)
+            self._tables["val"] = _take(test, val)
+            self._tables["test"] = _take(test, rest)
+        if test_limit is not None:
+            self._tables["test"] = _subset(self._tables["test"], test_limit, subset_seed)
         self.tokenizer = _load_tokenizer(tokenizer)
 
     @property
@@ -377,7 +453,9 @@ class TextClassificationDataModule(ClassificationDataModule):
         if self.ood_file is None:
             return []
         texts = _read_texts(self.ood_file, self.ood_text_column, self.ood_header)
-        table = _Table(self.ood_file, texts, [-1] * len(texts), [])
+        table = _Table(self.ood_file, texts, [-1] * len(texts), list(range(len(texts))))
+        if self.ood_limit is not None:
+            table = _subset(table, self.ood_limit, self.subset_seed)
         name = self.ood_name or f"{self.ood_file.parent.name}/{self.ood_file.stem}"
         return [EvaluationSet(name, "ood", self._encode(table))]
 

@@ -1,0 +1,248 @@
+"""Generate ``docs/results.md`` from the experiment folders' ``metrics.json`` files.
+
+    python experiments/make_results.py [--sst2 runs/sst2_minilm] [--cifar10 runs/cifar10_j] \
+        [--output docs/results.md] [--discussion experiments/discussion.md]
+
+Every table cell is computed here from the runs (``lorae.tools.aggregate``: mean ± sample
+standard deviation over seeds); nothing is typed by hand except the discussion, which is read
+from ``--discussion`` and included unchanged, so it survives regeneration. The reliability
+diagram and ensemble-size curve of each method's first seed are copied next to the document
+(``docs/figures/results/``) and linked. A missing experiment folder gives a section that says
+how to produce it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shutil
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+if __package__ in (None, ""):  # run as `python experiments/make_results.py`
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from lorae.tools.aggregate import aggregate
+
+REPO = Path(__file__).resolve().parents[1]
+
+#: (metric name for lorae.tools.aggregate, column title, digits)
+QUALITY = [
+    ("acc", "Accuracy", 4),
+    ("f1", "Macro F1", 4),
+    ("ece", "ECE", 4),
+    ("nll", "NLL", 4),
+    ("brier", "Brier", 4),
+]
+SST2_OOD = [
+    ("test/ood/agnews/msp/auroc", "AUROC (AG News)", 4),
+    ("test/ood/agnews/msp/auprc", "AUPRC (AG News)", 4),
+]
+COST = [
+    ("compute.parameters.total", "Parameters", 0),
+    ("compute.parameters.trainable", "Trainable", 0),
+    ("compute.train_seconds_per_epoch", "s / epoch", 1),
+    ("compute.wall_seconds", "Wall s / run", 0),
+]
+FIGURES = ("reliability.png", "ensemble_size.png")
+
+SST2_COMMAND = "python experiments/sst2_grid.py --data /work/shared/data --output runs/sst2_minilm"
+CIFAR_COMMAND = (
+    "python experiments/cifar10_appendix_j.py --data /work/shared/data/cifar10/train.tar.gz "
+    "--output runs/cifar10_j"
+)
+GENERATE_COMMAND = "python experiments/make_results.py"
+
+
+def load_runs(folder: Path) -> list[dict[str, Any]]:
+    """Every finished run under ``folder/runs/<method>/seed<S>/``: its ``metrics.json`` with
+    ``method.method`` replaced by the folder name ``<method>`` (the config stem) and the wall
+    time of ``run.json`` added as ``compute.wall_seconds``; sorted by method, then seed."""
+    reports = []
+    for path in sorted((folder / "runs").glob("*/seed*/metrics.json")):
+        report = json.loads(path.read_text())
+        run_path = path.parent / "run.json"
+        run = json.loads(run_path.read_text()) if run_path.is_file() else {}
+        report["method"] = {**report.get("method", {}), "method": path.parent.parent.name}
+        report["compute"] = {**report.get("compute", {}), "wall_seconds": run.get("wall_seconds")}
+        report["_folder"] = path.parent
+        report["_seed"] = run.get("seed", path.parent.name.removeprefix("seed"))
+        reports.append(report)
+    return reports
+
+
+def _cell(row: dict[str, Any], name: str, digits: int) -> str:
+    mean, std = row[f"{name}/mean"], row[f"{name}/std"]
+    if math.isnan(mean):
+        return "n/a"
+    if digits == 0:
+        text = f"{mean:,.0f}"
+        return text if math.isnan(std) or std == 0 else f"{text} ± {std:,.0f}"
+    text = f"{mean:.{digits}f}"
+    return text if math.isnan(std) else f"{text} ± {std:.{digits}f}"
+
+
+def table(reports: Sequence[dict[str, Any]], columns: Sequence[tuple[str, str, int]]) -> str:
+    """A Markdown table: one row per method (config stem), mean ± std over its seeds."""
+    rows = aggregate(reports, [name for name, _, _ in columns], ["method"])
+    seeds: dict[str, list[str]] = {}
+    for report in reports:
+        seeds.setdefault(report["method"]["method"], []).append(str(report["_seed"]))
+    lines = [
+        "| method | seeds | " + " | ".join(title for _, title, _ in columns) + " |",
+        "|---|---|" + "---|" * len(columns),
+    ]
+    for row in rows:
+        cells = " | ".join(_cell(row, name, digits) for name, _, digits in columns)
+        lines.append(f"| {row['group']} | {','.join(seeds[row['group']])} | {cells} |")
+    return "\n".join(lines) + "\n"
+
+
+def figures(reports: Sequence[dict[str, Any]], prefix: str, target: Path, doc: Path) -> str:
+    """Copy each method's first-seed figures to ``target`` and return Markdown links."""
+    lines = []
+    done: set[str] = set()
+    for report in reports:
+        method = report["method"]["method"]
+        if method in done:
+            continue
+        done.add(method)
+        links = []
+        for name in FIGURES:
+            source = report["_folder"] / name
+            if not source.is_file():
+                continue
+            target.mkdir(parents=True, exist_ok=True)
+            copy = target / f"{prefix}_{method}_{name}"
+            shutil.copyfile(source, copy)
+            links.append(f"[{name.removesuffix('.png')}]({copy.relative_to(doc.parent)})")
+        if links:
+            lines.append(f"- {method} (seed {report['_seed']}): " + ", ".join(links))
+    if not lines:
+        return "No figures were written (run with the `plots` extra installed).\n"
+    return "\n".join(lines) + "\n"
+
+
+def lr_table(selection: dict[str, Any]) -> str:
+    """The learning-rate search: candidates' validation metric and the choice per method."""
+    lines = [
+        "| method | selected by | candidates (validation value) | chosen |",
+        "|---|---|---|---|",
+    ]
+    for method, entry in selection.items():
+        key = entry["selected_by"]
+        tried = ", ".join(f"{lr}: {c[key]:.4f}" for lr, c in entry["candidates"].items())
+        lines.append(f"| {method} | {key} (seed {entry['seed']}) | {tried} | {entry['lr']:g} |")
+    return "\n".join(lines) + "\n"
+
+
+def sst2_section(folder: Path, figure_dir: Path, doc: Path) -> str:
+    """The SST-2 section: setup, LR search, quality/OOD and cost tables, figures."""
+    parts = ["## SST-2 with all-MiniLM-L6-v2 (paper appendix A.7, Tab. 8)\n"]
+    reports = load_runs(folder)
+    if not reports:
+        return parts[0] + f"\nNo runs yet. Produce them with `{SST2_COMMAND}`.\n"
+    grid_path = folder / "grid.json"
+    grid = json.loads(grid_path.read_text()) if grid_path.is_file() else {}
+    parts.append(
+        "\nSetup: configs `configs/sst2_minilm/*.yaml`; training on a fixed subset of "
+        "`sst2/train.tsv` (`train_limit`, `subset_seed` 0), validation and test as disjoint "
+        "parts of `sst2/dev.tsv` (`test_val_fraction` 0.15, `subset_seed` 0), OOD: AG News "
+        "`dev.tsv` (`ood_limit` texts, maximum softmax probability). Grid options: "
+        f"`{json.dumps({k: v for k, v in grid.items() if k not in ('configs', 'mode')})}`.\n"
+    )
+    selection_path = folder / "lr_selection.json"
+    if selection_path.is_file():
+        parts.append("\nLearning rates, chosen on the validation part only:\n\n")
+        parts.append(lr_table(json.loads(selection_path.read_text())))
+    parts.append("\nTest part, mean ± std over seeds:\n\n")
+    parts.append(table(reports, [*QUALITY, *SST2_OOD]))
+    parts.append("\nCost (1 CPU thread unless the grid options say otherwise):\n\n")
+    parts.append(table(reports, COST))
+    parts.append("\nFigures (reliability diagram, ensemble-size curve):\n\n")
+    parts.append(figures(reports, "sst2", figure_dir, doc))
+    return "".join(parts)
+
+
+def cifar_section(folder: Path, figure_dir: Path, doc: Path) -> str:
+    """The CIFAR-10 appendix J section: pretraining result, fine-tuning tables, figures."""
+    parts = ["## CIFAR-10 from scratch (paper appendix J, Tab. 16)\n"]
+    reports = load_runs(folder)
+    if not reports:
+        return parts[0] + f"\nNo runs yet. Produce them with `{CIFAR_COMMAND}`.\n"
+    subset_path = folder / "data" / "subset.json"
+    if subset_path.is_file():
+        subset = json.loads(subset_path.read_text())
+        parts.append(
+            f"\nData: {subset['per_class']} images per class of `{subset['archive']}` (seed "
+            f"{subset['seed']}), of which 20% are the held-out test part and 10% validation "
+            "(data seed 0 in every run). Configs `configs/cifar10_scratch/*.yaml`.\n"
+        )
+    pretrain = folder / "pretrain" / "metrics.json"
+    if pretrain.is_file():
+        metrics = json.loads(pretrain.read_text())["metrics"]
+        values = ", ".join(
+            f"{title} {metrics[f'test/{name}']:.4f}"
+            for name, title, _ in QUALITY
+            if f"test/{name}" in metrics
+        )
+        parts.append(f"\nThe backbone trained from scratch (Single Network, seed 0): {values}.\n")
+    parts.append("\nOne epoch from that backbone, test part, mean ± std over seeds:\n\n")
+    parts.append(table(reports, QUALITY))
+    parts.append("\nCost:\n\n")
+    parts.append(table(reports, COST))
+    parts.append("\nFigures (reliability diagram, ensemble-size curve):\n\n")
+    parts.append(figures(reports, "cifar10", figure_dir, doc))
+    return "".join(parts)
+
+
+def render(sst2: Path, cifar10: Path, discussion: Path, doc: Path) -> str:
+    """The whole document."""
+    figure_dir = doc.parent / "figures" / "results"
+    text = discussion.read_text().strip() if discussion.is_file() else ""
+    return "\n".join(
+        [
+            "<!-- Generated by `python experiments/make_results.py`; do not edit by hand. "
+            "The discussion comes from experiments/discussion.md. -->",
+            "# Results on real data at CPU scale\n",
+            "Development results of the paper's comparisons (issue 8) on the data in "
+            "`../shared/data`, produced by the commands below and generated from the runs' "
+            f"`metrics.json` by `{GENERATE_COMMAND}`. They are not the paper's numbers: "
+            "smaller data, a smaller backbone and fewer epochs (see experiments/README.md).\n",
+            "```bash",
+            SST2_COMMAND,
+            CIFAR_COMMAND,
+            GENERATE_COMMAND,
+            "```\n",
+            "Each run's full `lorae fit` command, wall time and CPU time are in the `run.json` "
+            "next to its `metrics.json` (`<output>/runs/<method>/seed<S>/`); the learning-rate "
+            "search is in `<output>/lr_search/` and `lr_selection.json`.\n",
+            sst2_section(sst2, figure_dir, doc),
+            cifar_section(cifar10, figure_dir, doc),
+            "## Comparison with the paper (Tab. 8 and Tab. 16)\n",
+            "<!-- from experiments/discussion.md -->",
+            text or "_No discussion written yet (experiments/discussion.md)._",
+            "",
+        ]
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Write the document; returns 0."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sst2", type=Path, default=Path("runs/sst2_minilm"))
+    parser.add_argument("--cifar10", type=Path, default=Path("runs/cifar10_j"))
+    parser.add_argument("--output", type=Path, default=REPO / "docs" / "results.md")
+    parser.add_argument("--discussion", type=Path, default=REPO / "experiments" / "discussion.md")
+    args = parser.parse_args(argv)
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(render(args.sst2, args.cifar10, args.discussion, args.output))
+    print(f"Written: {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -65,7 +65,8 @@ class Settings:
         device: ``cpu`` or ``cuda``.
         threads: ``torch.set_num_threads`` (CPU).
         repeats: timed runs per case; ``slow_repeats`` for cases whose warm-up took more than
-            ``slow_seconds``.
+            ``slow_seconds``, ``fast_repeats`` for those under ``fast_seconds`` (sub-second
+            calls are noisy, and more of them cost little).
         warmup: untimed runs per case before timing.
         cases: which cases run (see :data:`ALL_CASES`).
         memory: measure peak memory (fresh subprocesses) and the fit check.
@@ -87,6 +88,8 @@ class Settings:
     repeats: int = 3
     slow_repeats: int = 2
     slow_seconds: float = 5.0
+    fast_repeats: int = 15
+    fast_seconds: float = 2.0
     warmup: int = 1
     cases: tuple[str, ...] = DEFAULT_CASES
     memory: bool = True

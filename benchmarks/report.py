@@ -200,7 +200,13 @@ def render_markdown(result: dict[str, Any]) -> str:
         f"timm {env['timm']}, {env['date']}. Backbone `{s['backbone']}`"
         + (f" with overrides `{s['backbone_overrides']}`" if s["backbone_overrides"] else "")
         + f", rank {s['rank']}, dtype {s['dtype']}, {s['repeats']} timed runs per case "
-        f"({s['slow_repeats']} for cases slower than {s['slow_seconds']:g} s), interleaved.",
+        f"({s['slow_repeats']} for cases slower than {s['slow_seconds']:g} s"
+        + (
+            f", {s['fast_repeats']} for cases faster than {s['fast_seconds']:g} s"
+            if "fast_repeats" in s
+            else ""
+        )
+        + "), interleaved.",
         "",
         f"Inference, M = {m}: median (min-max) per call, and x floor where "
         "floor = min(T_single(M·B), M·T_single(B)).",

@@ -46,6 +46,8 @@ TINY_ARGS = [
     "1",
     "--repeats",
     "2",
+    "--fast-repeats",
+    "2",
     "--num-classes",
     "5",
 ]

@@ -39,16 +39,17 @@ def train_key(case: str, members: int, batch: int) -> str:
 def floor_seconds(timings: dict[str, Any], members: int, batch: int) -> float | None:
     """``floor = min(T_single(M·B), M · T_single(B))``: the best plain way to run the
     backbone M times (one big batch, or M sequential batches)."""
-    big = timings.get(inference_key("plain_MB", batch))
-    single = timings.get(inference_key("plain", batch))
+    big = _median(timings, inference_key("plain_MB", batch))
+    single = _median(timings, inference_key("plain", batch))
     if big is None or single is None:
         return None
-    return float(min(big["median"], members * single["median"]))
+    return min(big, members * single)
 
 
 def _median(timings: dict[str, Any], key: str) -> float | None:
+    """The median seconds of ``key`` (``None``: not run, or failed)."""
     entry = timings.get(key)
-    return None if entry is None else float(entry["median"])
+    return None if entry is None or "error" in entry else float(entry["median"])
 
 
 def _ratio(a: float | None, b: float | None) -> float | None:
@@ -166,6 +167,8 @@ def _time(seconds: float | None) -> str:
 def _cell(entry: dict[str, Any] | None, floor: float | None = None) -> str:
     if entry is None:
         return "-"
+    if "error" in entry:
+        return f"failed ({entry['error'][-120:]})"
     text = f"{_time(entry['median'])} ({_time(entry['min'])}-{_time(entry['max'])})"
     if floor:
         text += f", {entry['median'] / floor:.2f}x floor"

@@ -66,14 +66,25 @@ def log(message: str) -> None:
 
 
 def time_interleaved(entries: Sequence[Timed], s: C.Settings) -> dict[str, dict[str, Any]]:
-    """Warm every entry up, then time them round-robin; returns the summary per key."""
+    """Warm every entry up, then time them round-robin; returns the summary per key.
+
+    An entry whose warm-up raises is left out of the timing and reported as
+    ``{"error": message}``, so one failing case (e.g. a backend without a kernel for it)
+    cannot cost the others' results.
+    """
     rounds: dict[str, int] = {}
     warm: dict[str, float] = {}
+    failed: dict[str, dict[str, Any]] = {}
     for entry in entries:
         start = time.perf_counter()
-        for _ in range(s.warmup):
-            entry.run()
-        C.synchronize(s.device)
+        try:
+            for _ in range(s.warmup):
+                entry.run()
+            C.synchronize(s.device)
+        except (RuntimeError, NotImplementedError) as error:
+            failed[entry.key] = {"error": f"{type(error).__name__}: {error}"}
+            log(f"warm-up {entry.key}: FAILED ({error})")
+            continue
         warm[entry.key] = (time.perf_counter() - start) / max(s.warmup, 1)
         rounds[entry.key] = (
             s.slow_repeats
@@ -83,6 +94,7 @@ def time_interleaved(entries: Sequence[Timed], s: C.Settings) -> dict[str, dict[
             else s.repeats
         )
         log(f"warm-up {entry.key}: {warm[entry.key]:.3f} s")
+    entries = [e for e in entries if e.key not in failed]
     times: dict[str, list[float]] = {e.key: [] for e in entries}
     for r in range(max(rounds.values(), default=0)):
         for entry in entries:
@@ -98,7 +110,7 @@ def time_interleaved(entries: Sequence[Timed], s: C.Settings) -> dict[str, dict[
             C.synchronize(s.device)
             times[entry.key].append(time.perf_counter() - start)
         log(f"round {r + 1} done")
-    return {k: {**summary(v), "warmup_seconds": warm[k]} for k, v in times.items()}
+    return {**{k: {**summary(v), "warmup_seconds": warm[k]} for k, v in times.items()}, **failed}
 
 
 def profile_entries(entries: Sequence[Timed], keys: set[str], s: C.Settings) -> dict[str, str]:

@@ -49,7 +49,13 @@ def build_timm_vit(
     kwargs = merged_overrides(overrides)
     if isinstance(pretrained, str):
         path = local_weights_path(name, pretrained, expect_dir=False)
-        kwargs["pretrained_cfg_overlay"] = {"file": str(path)}
+        # custom_load says which loader reads the file: the JAX one for an original .npz, the
+        # state-dict one (with timm's filter_fn) otherwise. timm before 1.0.31 kept the
+        # default cfg's custom_load=True for a file overlay and read a .safetensors as .npz.
+        kwargs["pretrained_cfg_overlay"] = {
+            "file": str(path),
+            "custom_load": path.suffix == ".npz",
+        }
         pretrained = True
     try:
         model = timm.create_model(name, pretrained=pretrained, num_classes=0, **kwargs)

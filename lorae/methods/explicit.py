@@ -31,6 +31,20 @@ def _set_tensor(module: nn.Module, name: str, value: Tensor, parameter: bool) ->
         owner._buffers[leaf] = value
 
 
+def resolve_vectorize(setting: Vectorize, device_type: str, grad_enabled: bool) -> Vectorize:
+    """The path ``ExplicitEnsemble`` takes for one forward pass.
+
+    ``"vmap"`` and ``"loop"`` are taken as set. ``"auto"`` stays ``"auto"`` (vmap, with the
+    loop as fallback) except on CUDA with autograd recording, where it is ``"loop"``: vmap
+    over the fused ``scaled_dot_product_attention`` kernels runs forward but fails in their
+    backward pass (``RuntimeError: LSE is not correctly aligned (strideH)``, torch 2.11 on an
+    H200), after the forward's fallback check has passed. The loop computes the same function.
+    """
+    if setting == "auto" and device_type == "cuda" and grad_enabled:
+        return "loop"
+    return setting
+
+
 class ExplicitEnsemble(EnsembleMethod):
     """M independent copies of the pretrained backbone, each fully fine-tuned with its own
     head; all members train in one run.
@@ -40,7 +54,8 @@ class ExplicitEnsemble(EnsembleMethod):
     backbone definition with ``torch.func.functional_call`` on each member's slice, either
     vectorised over members with ``torch.vmap`` or in a plain loop; both give the same
     result. ``"auto"`` tries ``vmap`` and falls back to the loop (with a warning) where an
-    operation cannot be vectorised.
+    operation cannot be vectorised; on CUDA it trains with the loop (see
+    :func:`resolve_vectorize`).
 
     Members start from the same pretrained weights and differ by their heads' random init
     (the paper's setting); ``noise_alpha > 0`` adds the weight noise of paper appendix O,
@@ -139,7 +154,10 @@ class ExplicitEnsemble(EnsembleMethod):
         )
 
     def forward(self, x: Inputs) -> Tensor:
-        if self.vectorize == "auto":
+        mode = resolve_vectorize(
+            self.vectorize, self.head.weight.device.type, torch.is_grad_enabled()
+        )
+        if mode == "auto":
             try:
                 features = self._features(x, "vmap")
             except (RuntimeError, NotImplementedError) as error:
@@ -151,7 +169,7 @@ class ExplicitEnsemble(EnsembleMethod):
                 self.vectorize = "loop"
                 features = self._features(x, "loop")
         else:
-            features = self._features(x, self.vectorize)
+            features = self._features(x, mode)
         return self.head(features.reshape(-1, features.shape[-1]))  # (M, B, C)
 
     @torch.no_grad()

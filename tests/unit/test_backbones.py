@@ -50,14 +50,27 @@ def _same_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:
 
 
 @pytest.mark.parametrize("suffix", [".safetensors", ".pth"])
-def test_timm_loads_local_file(tmp_path: Path, suffix: str) -> None:
+def test_timm_loads_local_file(
+    tmp_path: Path, suffix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     name, overrides = TINY_BACKBONES["timm_vit"]
     source = create_backbone(name, False, overrides)
     path = tmp_path / f"model{suffix}"
     state = {k: v.contiguous() for k, v in source.model.state_dict().items()}
     save_file(state, str(path)) if suffix == ".safetensors" else torch.save(state, path)
+    overlays: list[dict[str, object]] = []
+    create_model = timm.create_model
+
+    def recording(*args: object, **kwargs: object) -> object:
+        overlays.append(kwargs["pretrained_cfg_overlay"])  # type: ignore[arg-type]
+        return create_model(*args, **kwargs)
+
+    monkeypatch.setattr(timm, "create_model", recording)
     loaded = create_backbone(name, str(path), overrides)
     assert _same_weights(loaded.model, source.model)
+    # The file is a state dict, not the JAX .npz the default cfg of vit_* names: timm 1.0.29
+    # read it with the .npz loader unless custom_load is turned off (seen on a GPU machine).
+    assert overlays == [{"file": str(path), "custom_load": False}]
 
 
 def test_torchvision_loads_local_file(tmp_path: Path) -> None:

@@ -221,6 +221,38 @@ def test_floor_and_ratios_follow_issue_6_definitions() -> None:
     assert g["lorae/plain_MB@B=8"]["met"] is True and g["lorae/floor@B=8"]["met"] is None
 
 
+def test_a_failing_case_is_reported_and_the_others_are_still_timed() -> None:
+    """One case raising in its warm-up (as vmap training did on CUDA: "LSE is not correctly
+    aligned") is recorded as an error; the other cases are timed and the ratio uses the
+    explicit path that worked."""
+    from benchmarks.speed import Timed, time_interleaved
+
+    calls = {"ok": 0}
+
+    def ok() -> None:
+        calls["ok"] += 1
+
+    def broken() -> None:
+        raise RuntimeError("LSE is not correctly aligned (strideH)")
+
+    s = C.Settings(device="cpu", warmup=1, repeats=2, slow_repeats=2, fast_repeats=2)
+    timings = time_interleaved(
+        [Timed("train_explicit_vmap@M=2,B=3", broken), Timed("train_lorae@M=2,B=3", ok)], s
+    )
+    assert "LSE is not correctly aligned" in timings["train_explicit_vmap@M=2,B=3"]["error"]
+    assert len(timings["train_lorae@M=2,B=3"]["times"]) == 2 and calls["ok"] >= 3
+    result = _result({"train_lorae@M=2,B=3": 3.0, "train_explicit_loop@M=2,B=3": 12.0})
+    result["timings"]["train_explicit_vmap@M=2,B=3"] = timings["train_explicit_vmap@M=2,B=3"]
+    r = ratios(result)
+    assert r["train_lorae/train_explicit@M=2,B=3"]["value"] == pytest.approx(0.25)
+    result.update(
+        command="python benchmarks/speed.py",
+        environment={"device_name": "cpu", "threads": 1, "torch": "x", "timm": "y", "date": "d"},
+        ratios=r,
+    )
+    assert "failed (RuntimeError: LSE is not correctly aligned" in render_markdown(result)
+
+
 def test_markdown_marks_missed_targets_and_missing_cases() -> None:
     result = _result({"plain@B=1": 1.0, "plain_MB@B=1": 2.0, "lorae@B=1": 3.0})
     result.update(

@@ -25,6 +25,7 @@ from lorae.methods import (
     repeat_members,
 )
 from lorae.methods import mc_dropout as mc_dropout_module
+from lorae.methods.explicit import resolve_vectorize
 from lorae.methods.mc_dropout import set_dropout
 from tests.fixtures.models import FAMILIES, TINY_BACKBONES, tiny_inputs
 
@@ -254,6 +255,16 @@ def test_explicit_vmap_equals_loop(family: str) -> None:
     for name, grad in results["vmap"][1].items():
         torch.testing.assert_close(grad, results["loop"][1][name], rtol=1e-4, atol=1e-5)
     assert not torch.allclose(results["loop"][0][0], results["loop"][0][1])
+
+
+def test_explicit_auto_trains_with_the_loop_on_cuda_only() -> None:
+    """vmap over CUDA's fused attention fails in backward (seen on an H200), after the
+    forward's fallback check: "auto" must pick the loop there, and keep vmap elsewhere."""
+    assert resolve_vectorize("auto", "cuda", grad_enabled=True) == "loop"
+    assert resolve_vectorize("auto", "cuda", grad_enabled=False) == "auto"
+    assert resolve_vectorize("auto", "cpu", grad_enabled=True) == "auto"
+    assert resolve_vectorize("vmap", "cuda", grad_enabled=True) == "vmap"
+    assert resolve_vectorize("loop", "cpu", grad_enabled=False) == "loop"
 
 
 def test_explicit_members_are_independent_copies_of_the_pretrained_backbone() -> None:

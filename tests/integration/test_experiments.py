@@ -317,10 +317,26 @@ def test_results_doc_from_metrics_keeps_discussion(tmp_path: Path) -> None:
     discussion = tmp_path / "discussion.md"
     discussion.write_text("LoRA-Ensemble agrees with Tab. 8 on calibration; a unique sentence.")
     doc = tmp_path / "docs" / "results.md"
+    grid = {"data": "/d", "output": "runs/s", "precision": "bf16-mixed", "epochs": 1}
+    grid |= {"seeds": [0, 1, 2], "jobs": 2, "threads": 1, "test_limit": None}
+    (sst2 / "grid.json").write_text(json.dumps(grid))
+    gpu = tmp_path / "gpu" / "cifar10_j"
+    (gpu.parent).mkdir(parents=True)
+    (gpu.parent / "env.txt").write_text("GPU 0: NVIDIA H200 (UUID: x)\n")
+    for seed, acc in enumerate([0.5, 0.6]):
+        metrics = {"test/acc": acc}
+        fake_run(gpu / "runs" / "lora_ensemble" / f"seed{seed}", {"num_members": 4}, metrics, seed)
     args = ["--sst2", str(sst2), "--cifar10", str(tmp_path / "none"), "--output", str(doc)]
-    args += ["--discussion", str(discussion)]
+    args += ["--discussion", str(discussion), "--cifar10-device", str(gpu)]
     assert make_results.main(args) == 0
     text = doc.read_text()
+    # the command that made the grid, rebuilt from its grid.json (defaults left out)
+    assert (
+        "python experiments/sst2_grid.py --data /d --output runs/s --precision bf16-mixed "
+        "--epochs 1 --jobs 2\n" in text
+    )
+    gpu_part = text.split("on a GPU (cross-check)")[1]
+    assert "NVIDIA H200" in gpu_part and "| lora_ensemble | 0,1 | 0.5500 ± 0.0707 |" in gpu_part
     for name, values in accs.items():
         expected = f"{statistics.fmean(values):.4f} ± {statistics.stdev(values):.4f}"
         row = next(line for line in text.splitlines() if line.startswith(f"| {name} | 0,1,2 |"))

@@ -1,7 +1,7 @@
 """Generate ``docs/results.md`` from the experiment folders' ``metrics.json`` files.
 
     python experiments/make_results.py [--sst2 runs/sst2_minilm] [--cifar10 runs/cifar10_j] \
-        [--output docs/results.md] [--discussion experiments/discussion.md]
+        [--output docs/results.md] [--discussion experiments/discussion.md] [--discussion-only]
 
 Every table cell is computed here from the runs (``lorae.tools.aggregate``: mean ± sample
 standard deviation over seeds); nothing is typed by hand except the discussion, which is read
@@ -195,6 +195,28 @@ def sst2_section(folder: Path, figure_dir: Path, doc: Path) -> str:
     return "".join(parts)
 
 
+def pretrain_values(folder: Path) -> str | None:
+    """``"Accuracy 0.5020, Macro F1 ..."``: the test metrics of ``folder/pretrain`` (the CIFAR-10
+    backbone trained from scratch); ``None`` when it has not finished."""
+    pretrain = folder / "pretrain" / "metrics.json"
+    if not pretrain.is_file():
+        return None
+    metrics = json.loads(pretrain.read_text())["metrics"]
+    return ", ".join(
+        f"{title} {metrics[f'test/{name}']:.4f}"
+        for name, title, _ in QUALITY
+        if f"test/{name}" in metrics
+    )
+
+
+def pretrain_line(folder: Path) -> str | None:
+    """The CIFAR-10 section's sentence on the pretrained backbone (``None`` without one)."""
+    values = pretrain_values(folder)
+    if values is None:
+        return None
+    return f"The backbone trained from scratch (Single Network, seed 0): {values}."
+
+
 def cifar_section(folder: Path, figure_dir: Path, doc: Path) -> str:
     """The CIFAR-10 appendix J section: pretraining result, fine-tuning tables, figures."""
     parts = ["## CIFAR-10 from scratch (paper appendix J, Tab. 16)\n"]
@@ -209,15 +231,9 @@ def cifar_section(folder: Path, figure_dir: Path, doc: Path) -> str:
             f"{subset['seed']}), of which 20% are the held-out test part and 10% validation "
             "(data seed 0 in every run). Configs `configs/cifar10_scratch/*.yaml`.\n"
         )
-    pretrain = folder / "pretrain" / "metrics.json"
-    if pretrain.is_file():
-        metrics = json.loads(pretrain.read_text())["metrics"]
-        values = ", ".join(
-            f"{title} {metrics[f'test/{name}']:.4f}"
-            for name, title, _ in QUALITY
-            if f"test/{name}" in metrics
-        )
-        parts.append(f"\nThe backbone trained from scratch (Single Network, seed 0): {values}.\n")
+    line = pretrain_line(folder)
+    if line is not None:
+        parts.append(f"\n{line}\n")
     parts.append("\nOne epoch from that backbone, test part, mean ± std over seeds:\n\n")
     parts.append(table(reports, QUALITY))
     parts.append("\nCost:\n\n")
@@ -241,17 +257,25 @@ def device_section(folder: Path) -> str:
         "`--override trainer.deterministic=warn`), its own pretraining included; the runs "
         "shown finished there. Not pooled with the CPU runs above.\n\n",
     ]
-    pretrain = folder / "pretrain" / "metrics.json"
-    if pretrain.is_file():
-        metrics = json.loads(pretrain.read_text())["metrics"]
-        values = ", ".join(
-            f"{title} {metrics[f'test/{name}']:.4f}"
-            for name, title, _ in QUALITY
-            if f"test/{name}" in metrics
-        )
+    values = pretrain_values(folder)
+    if values is not None:
         parts.append(f"Backbone trained from scratch there: {values}.\n\n")
     parts.append(table(reports, [*QUALITY, COST[-1]]))
     return "".join(parts)
+
+
+DISCUSSION_MARKER = "<!-- from experiments/discussion.md -->"
+
+
+def replace_discussion(document: str, discussion: Path) -> str:
+    """``document`` (a generated results.md) with the text after its discussion marker replaced
+    by ``discussion``'s; the tables above it are kept as they are."""
+    head, marker, _ = document.partition(DISCUSSION_MARKER)
+    if not marker:
+        raise SystemExit(
+            f"error: the document has no {DISCUSSION_MARKER!r} line; regenerate it whole"
+        )
+    return f"{head}{marker}\n{discussion.read_text().strip()}\n"
 
 
 def render(sst2: Path, cifar10: Path, discussion: Path, doc: Path, device: Path) -> str:
@@ -283,7 +307,7 @@ def render(sst2: Path, cifar10: Path, discussion: Path, doc: Path, device: Path)
             cifar_section(cifar10, figure_dir, doc),
             device_section(device),
             "## Comparison with the paper (Tab. 8 and Tab. 16)\n",
-            "<!-- from experiments/discussion.md -->",
+            DISCUSSION_MARKER,
             text or "_No discussion written yet (experiments/discussion.md)._",
             "",
         ]
@@ -303,7 +327,19 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--output", type=Path, default=REPO / "docs" / "results.md")
     parser.add_argument("--discussion", type=Path, default=REPO / "experiments" / "discussion.md")
+    parser.add_argument(
+        "--discussion-only",
+        action="store_true",
+        help="replace only the discussion of an existing --output (its tables are kept, the "
+        "runs are not needed)",
+    )
     args = parser.parse_args(argv)
+    if args.discussion_only:
+        if not args.output.is_file():
+            parser.error(f"--discussion-only needs an existing {args.output}")
+        args.output.write_text(replace_discussion(args.output.read_text(), args.discussion))
+        print(f"Discussion replaced: {args.output}")
+        return 0
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(
         render(args.sst2, args.cifar10, args.discussion, args.output, args.cifar10_device)

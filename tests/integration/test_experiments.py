@@ -8,6 +8,7 @@ import csv
 import importlib
 import inspect
 import json
+import shutil
 import statistics
 import sys
 import tarfile
@@ -18,7 +19,7 @@ import pytest
 import torch
 import yaml
 
-from experiments import cifar10_appendix_j, make_results, sst2_grid
+from experiments import cifar10_appendix_j, compare_rerun, make_results, sst2_grid
 from experiments.runner import best_validation_row
 from lorae.backbones import create_backbone
 from lorae.data import TextClassificationDataModule
@@ -355,3 +356,81 @@ def test_results_doc_from_metrics_keeps_discussion(tmp_path: Path) -> None:
     assert make_results.main(args) == 0
     again = doc.read_text()
     assert "| single_network | 0,1,2,3 |" in again and "a unique sentence" in again
+    # Without the runs, --discussion-only swaps the discussion and keeps every table.
+    shutil.rmtree(sst2)
+    discussion.write_text("A rewritten discussion.")
+    assert make_results.main([*args, "--discussion-only"]) == 0
+    updated = doc.read_text()
+    assert (
+        updated.split(make_results.DISCUSSION_MARKER)[0]
+        == again.split(make_results.DISCUSSION_MARKER)[0]
+    )
+    assert updated.endswith("A rewritten discussion.\n") and "a unique sentence" not in updated
+
+
+def fake_cifar(folder: Path, accs: dict[str, list[float]], pretrain_acc: float) -> None:
+    """A CIFAR-10 pipeline folder: runs per method and seed, and a pretraining report."""
+    for name, values in accs.items():
+        for seed, acc in enumerate(values):
+            metrics = {"test/acc": acc, "test/f1": acc - 0.01, "test/nll": 1.4 + seed / 100}
+            fake_run(folder / "runs" / name / f"seed{seed}", {"num_members": 4}, metrics, seed)
+    (folder / "pretrain").mkdir(parents=True)
+    pretrain = {"metrics": {"test/acc": pretrain_acc, "test/nll": 1.41}}
+    (folder / "pretrain" / "metrics.json").write_text(json.dumps(pretrain))
+
+
+def test_compare_rerun_finds_identical_and_changed_rows(tmp_path: Path) -> None:
+    accs = {"lora_ensemble": [0.497, 0.498, 0.496], "single_network": [0.49, 0.495, 0.492]}
+    original = tmp_path / "original"
+    fake_cifar(original, accs, pretrain_acc=0.502)
+    doc = tmp_path / "results.md"
+    args = ["--sst2", str(tmp_path / "none"), "--cifar10", str(original), "--output", str(doc)]
+    assert make_results.main([*args, "--cifar10-device", str(tmp_path / "none")]) == 0
+
+    # A rerun of one method with the same numbers, and the pretraining: all identical.
+    rerun = tmp_path / "rerun"
+    fake_cifar(rerun, {"lora_ensemble": accs["lora_ensemble"]}, pretrain_acc=0.502)
+    (rerun / "env.txt").write_text("Intel Xeon, torch 2.14.1, one thread per run\n")
+    out = tmp_path / "reproducibility.md"
+
+    def compare(folder: Path) -> tuple[int, str]:
+        status = compare_rerun.main(
+            ["--cifar10", str(folder), "--reference", str(doc), "--output", str(out)]
+        )
+        return status, out.read_text()
+
+    status, text = compare(rerun)
+    assert status == 0
+    assert "**2 of 2 rows are identical.**" in text
+    assert "on Intel Xeon, torch 2.14.1, one thread per run," in text
+    assert "| cifar10 | lora_ensemble | 0,1,2 | identical | 0 | identical |" in text
+    assert "| cifar10 | pretrain | 0 | identical | 0 | n/a |" in text
+
+    # One seed's accuracy moves by 0.003: that row differs, by the change of its mean and std.
+    shutil.rmtree(rerun / "runs" / "lora_ensemble" / "seed0")
+    metrics = {"test/acc": 0.500, "test/f1": 0.487, "test/nll": 1.4}
+    fake_run(rerun / "runs" / "lora_ensemble" / "seed0", {"num_members": 4}, metrics, 0)
+    status, text = compare(rerun)
+    assert status == 1
+    assert "**1 of 2 rows are identical.**" in text
+    # (fake_run writes the same fake figure again: the figure check still says identical)
+    assert "| cifar10 | lora_ensemble | 0,1,2 | differs | 0.0010 | identical |" in text
+    assert "- reference: `| lora_ensemble | 0,1,2 | 0.4970 ± 0.0010 |" in text
+    assert "- rerun:     `| lora_ensemble | 0,1,2 | 0.4980 ± 0.0020 |" in text
+
+    # A method the reference does not have is reported, not matched to another.
+    fake_cifar(tmp_path / "other", {"explicit_ensemble": [0.4, 0.4]}, pretrain_acc=0.502)
+    status, text = compare(tmp_path / "other")
+    assert status == 1
+    assert "| cifar10 | explicit_ensemble | 0,1 | not in the reference | n/a | n/a |" in text
+    # A seed-0 figure that is not the same file is reported.
+    (rerun / "runs" / "lora_ensemble" / "seed0" / "reliability.png").write_bytes(b"\x89PNG other")
+    status, text = compare(rerun)
+    assert status == 1 and "| differs | 0.0010 | differ |" in text
+
+
+def test_compare_rerun_without_runs_says_what_is_missing(tmp_path: Path) -> None:
+    doc = tmp_path / "results.md"
+    doc.write_text("## CIFAR-10 from scratch\n")
+    with pytest.raises(SystemExit, match="no finished runs"):
+        compare_rerun.main(["--cifar10", str(tmp_path), "--reference", str(doc)])

@@ -19,7 +19,13 @@ import pytest
 import torch
 import yaml
 
-from experiments import cifar10_appendix_j, compare_rerun, make_results, sst2_grid
+from experiments import (
+    cifar10_appendix_j,
+    compare_rerun,
+    keep_records,
+    make_results,
+    sst2_grid,
+)
 from experiments.runner import best_validation_row
 from lorae.backbones import create_backbone
 from lorae.data import TextClassificationDataModule
@@ -434,3 +440,33 @@ def test_compare_rerun_without_runs_says_what_is_missing(tmp_path: Path) -> None
     doc.write_text("## CIFAR-10 from scratch\n")
     with pytest.raises(SystemExit, match="no finished runs"):
         compare_rerun.main(["--cifar10", str(tmp_path), "--reference", str(doc)])
+
+
+def test_kept_records_regenerate_the_same_document(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    fake_cifar(run, {"lora_ensemble": [0.49, 0.5], "single_network": [0.48, 0.47]}, 0.502)
+    (run / "env.txt").write_text("a CPU\n")
+    seed0 = run / "runs" / "lora_ensemble" / "seed0"
+    (seed0 / "checkpoints").mkdir()
+    (seed0 / "checkpoints" / "best.ckpt").write_bytes(b"weights")
+    (seed0 / "checkpoints" / "meta.json").write_text("{}")
+    (seed0 / "lorae.log").write_text("log")
+    records = tmp_path / "records"
+    assert keep_records.main([str(run), str(records)]) == 0
+    kept = {p.relative_to(records).as_posix() for p in records.rglob("*") if p.is_file()}
+    assert "runs/lora_ensemble/seed0/metrics.json" in kept and "env.txt" in kept
+    assert "runs/lora_ensemble/seed0/reliability.png" in kept
+    assert "pretrain/metrics.json" in kept
+    assert not any("checkpoints" in k or k.endswith(".log") for k in kept)
+
+    def document(folder: Path, doc: Path) -> str:
+        none = str(tmp_path / "none")
+        args = ["--sst2", none, "--cifar10", str(folder), "--cifar10-device", none]
+        assert make_results.main([*args, "--output", str(doc)]) == 0
+        return doc.read_text()
+
+    assert document(records, tmp_path / "a" / "results.md") == document(
+        run, tmp_path / "b" / "results.md"
+    )
+    with pytest.raises(SystemExit):
+        keep_records.main([str(tmp_path / "missing"), str(records)])

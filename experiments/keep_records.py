@@ -1,0 +1,62 @@
+"""Copy the small records of an experiment folder (no checkpoints, no logs) into the repository,
+so that ``make_results.py`` and ``compare_rerun.py`` can regenerate their documents from it
+after the run folder is gone.
+
+    python experiments/keep_records.py runs/cifar10_j experiments/records/<date>/cifar10_j
+
+Kept, with their relative paths: every ``*.json`` outside ``checkpoints/`` (``grid.json``,
+``lr_selection.json``, ``data/subset.json``, the learning-rate search's ``validation.json`` and
+``selection.json``, each run's ``metrics.json``, ``run.json`` and ``diversity.json``), each
+run's ``ensemble_size.csv``, ``env.txt``, and the figures ``make_results`` links (the reliability
+diagram and ensemble-size curve), which are a few tens of kB each.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as `python experiments/keep_records.py`
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from experiments.make_results import FIGURES
+
+#: File names kept besides ``*.json``.
+KEPT_NAMES = {"env.txt", "ensemble_size.csv", *FIGURES}
+
+
+def records(folder: Path) -> list[Path]:
+    """The files of ``folder`` worth keeping, relative to it, sorted."""
+    kept = []
+    for path in folder.rglob("*"):
+        relative = path.relative_to(folder)
+        if not path.is_file() or "checkpoints" in relative.parts:
+            continue
+        if path.suffix == ".json" or path.name in KEPT_NAMES:
+            kept.append(relative)
+    return sorted(kept)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Copy the records; returns 0."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("source", type=Path, help="an experiment's output folder")
+    parser.add_argument("target", type=Path, help="where the records go (created)")
+    args = parser.parse_args(argv)
+    if not args.source.is_dir():
+        parser.error(f"{args.source} is not a folder (give an experiment's --output folder)")
+    kept = records(args.source)
+    if not kept:
+        parser.error(f"{args.source} holds no records (*.json): has the experiment run?")
+    for relative in kept:
+        (args.target / relative).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(args.source / relative, args.target / relative)
+    size = sum((args.target / r).stat().st_size for r in kept)
+    print(f"{len(kept)} files ({size / 1e6:.1f} MB) copied to {args.target}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -66,6 +66,7 @@ GRID_FLAGS = {
     "max_length": ("--max-length", None),
     "seeds": ("--seeds", [0, 1, 2]),
     "lrs": ("--lrs", None),
+    "fixed_lr": ("--fixed-lr", None),
     "share_lr": ("--share-lr", []),
     "jobs": ("--jobs", 1),
     "threads": ("--threads", 1),

@@ -14,6 +14,8 @@ The test split is never evaluated in this stage.
 
 Stage 2: each method is trained with its chosen learning rate for every seed through the real
 ``lorae fit --test_after_fit=true`` and writes ``<output>/runs/<method>/seed<S>/metrics.json``.
+``--fixed-lr LR`` skips stage 1 and runs stage 2 at ``LR`` for every method (a rerun of a
+finished grid's seeds at the rate it chose).
 
 Every run is a cell in its own folder with ``run.json`` (command, wall time, exit code); cells
 whose marker exists are skipped, so running the same command again continues an interrupted
@@ -84,6 +86,14 @@ def _parser() -> argparse.ArgumentParser:
         help="TARGET uses the rate chosen for SOURCE instead of a search of its own, e.g.\n"
         "explicit_ensemble=single_network (its members are independently trained single\n"
         "networks); a cost reduction, recorded in lr_selection.json as shared_from",
+    )
+    parser.add_argument(
+        "--fixed-lr",
+        type=float,
+        default=None,
+        metavar="LR",
+        help="no search: every method trains its seeds at LR (e.g. to rerun stage 2 at the\n"
+        "rate a finished grid chose; recorded in grid.json, no lr_selection.json)",
     )
     parser.add_argument("--select", choices=sorted(SELECT), default="val/nll")
     parser.add_argument("--precision", default="32-true", choices=["32-true", "32", "bf16-mixed"])
@@ -300,6 +310,10 @@ def main(argv: list[str] | None = None) -> int:
     if not args.dry_run:
         options = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
         (args.output / "grid.json").write_text(json.dumps(options, indent=2) + "\n")
+    if args.fixed_lr is not None:  # stage 2 only
+        if args.lrs or args.share_lr:
+            raise SystemExit("error: --fixed-lr replaces the search: drop --lrs and --share-lr")
+        return sum(_parallel(args, lambda m: seed_runs(args, m, args.fixed_lr), args.methods))
     shared = shared_lrs(args)
     searched = [m for m in args.methods if m not in shared]
     results = _parallel(args, lambda m: search_method(args, m), searched)

@@ -172,6 +172,14 @@ def test_grid_dry_run_lists_every_cell(tmp_path: Path, capsys: pytest.CaptureFix
         sst2_grid.main([*args, "--mode", "in-process"])
     with pytest.raises(SystemExit, match="is not in --methods"):
         sst2_grid.main([*args, "--share-lr", "mc_dropout=single_network"])
+    # --fixed-lr: no search, every seed at that rate.
+    fixed = args[: args.index("--share-lr")]
+    assert sst2_grid.main([*fixed, "--fixed-lr", "0.0001"]) == 0
+    commands = [line for line in capsys.readouterr().out.splitlines() if line.startswith("lorae")]
+    assert len(commands) == 3 * 2
+    assert all("--test_after_fit=true" in c and "lr=0.0001 " in c for c in commands)
+    with pytest.raises(SystemExit, match="drop --lrs and --share-lr"):
+        sst2_grid.main([*args, "--fixed-lr", "0.0001"])
 
 
 def test_best_validation_row_reads_validation_rows_only(tmp_path: Path) -> None:

@@ -7,8 +7,8 @@ after the run folder is gone.
 Kept, with their relative paths: every ``*.json`` outside ``checkpoints/`` (``grid.json``,
 ``lr_selection.json``, ``data/subset.json``, the learning-rate search's ``validation.json`` and
 ``selection.json``, each run's ``metrics.json``, ``run.json`` and ``diversity.json``), each
-run's ``ensemble_size.csv``, ``env.txt``, and the figures ``make_results`` links (the reliability
-diagram and ensemble-size curve), which are a few tens of kB each.
+run's ``ensemble_size.csv``, ``env.txt``, and the figures ``make_results`` links (seed 0's
+reliability diagram and ensemble-size curve, a few tens of kB each).
 """
 
 from __future__ import annotations
@@ -34,6 +34,8 @@ def records(folder: Path) -> list[Path]:
         relative = path.relative_to(folder)
         if not path.is_file() or "checkpoints" in relative.parts:
             continue
+        if path.name in FIGURES and path.parent.name != "seed0":
+            continue  # make_results links the first seed's figures only
         if path.suffix == ".json" or path.name in KEPT_NAMES:
             kept.append(relative)
     return sorted(kept)

@@ -464,6 +464,8 @@ def test_kept_records_regenerate_the_same_document(tmp_path: Path) -> None:
     kept = {p.relative_to(records).as_posix() for p in records.rglob("*") if p.is_file()}
     assert "runs/lora_ensemble/seed0/metrics.json" in kept and "env.txt" in kept
     assert "runs/lora_ensemble/seed0/reliability.png" in kept
+    assert "runs/lora_ensemble/seed1/reliability.png" not in kept  # only seed 0's are linked
+    assert "runs/lora_ensemble/seed1/metrics.json" in kept
     assert "pretrain/metrics.json" in kept
     assert not any("checkpoints" in k or k.endswith(".log") for k in kept)
 

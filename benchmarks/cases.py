@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from benchmarks.vmap_reference import use_vmap_reference
 from lorae.backbones import Backbone, create_backbone
+from lorae.lora import LoRASpec
 from lorae.methods import EnsembleMethod, ExplicitEnsemble, LoRAEnsemble
 from lorae.metrics import member_cross_entropy
 
@@ -148,7 +149,7 @@ def build_lorae(
         s.num_classes,
         s.backbone,
         num_members=members,
-        rank=s.rank,
+        lora=LoRASpec(rank=s.rank),
         pretrained=False,
         backbone_overrides=s.backbone_overrides,
         **extra,

@@ -1,8 +1,11 @@
 """Write the method table of ``docs/methods.md``: parameter counts measured on the real models.
 
-Every method is built from its CIFAR-100 config (``configs/cifar100/*.yaml``: ViT-B/32, 16
-members, 100 classes) with ``pretrained: false`` on PyTorch's ``meta`` device, so shapes are
-real but no memory is allocated (16 full backbones included). Run from the repository root:
+Every registered method (:data:`lorae.methods.METHODS`) is built from its CIFAR-100 configs
+(``configs/cifar100/*.yaml``: ViT-B/32, 16 members, 100 classes; a variant such as
+``single_lora`` is a config of its own) with ``pretrained: false`` on PyTorch's ``meta``
+device, so shapes are real but no memory is allocated (16 full backbones included). A
+registered method without a CIFAR-100 config, or a config without a row title here, stops the
+script. Run from the repository root:
 
     python benchmarks/method_table.py            # rewrites the table in docs/methods.md
     python benchmarks/method_table.py --print    # prints it instead
@@ -11,21 +14,22 @@ real but no memory is allocated (16 full backbones included). Run from the repos
 from __future__ import annotations
 
 import argparse
-import importlib
 import re
 from pathlib import Path
+from typing import Any
 
 import torch
 import yaml
 
-from lorae.methods import EnsembleMethod
+from lorae.lora import LoRASpec
+from lorae.methods import METHODS, EnsembleMethod, class_path
 
 ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "methods.md"
 START, END = "<!-- method-table:start -->", "<!-- method-table:end -->"
 NUM_CLASSES = 100
 
-#: config stem -> (method, where the paper defines or studies it)
+#: config stem -> (row title, where the paper defines or studies it), in the table's row order
 PAPER: dict[str, tuple[str, str]] = {
     "single_network": ("Single Network", "Tab. 1 (full fine-tuning)"),
     "single_lora": ("Single network with LoRA", "Sec. 3, Eq. 3 with M = 1"),
@@ -40,16 +44,41 @@ PAPER: dict[str, tuple[str, str]] = {
 }
 
 
+def method_spec(config: Path) -> dict[str, Any]:
+    """The ``model.method`` entry of a config (``class_path``, ``init_args``)."""
+    spec: dict[str, Any] = yaml.safe_load(config.read_text())["model"]["method"]
+    return spec
+
+
 def build(config: Path) -> EnsembleMethod:
     """The config's method, randomly initialised on the meta device."""
-    spec = yaml.safe_load(config.read_text())["model"]["method"]
-    module_name, _, class_name = spec["class_path"].rpartition(".")
-    cls = getattr(importlib.import_module(module_name), class_name)
+    spec = method_spec(config)
+    classes = {class_path(cls): cls for cls in METHODS.values()}
+    cls = classes[spec["class_path"]]
     init_args = {**spec.get("init_args", {}), "pretrained": False}
+    if "lora" in init_args:  # what the CLI does with the mapping in a config
+        init_args["lora"] = LoRASpec(**init_args["lora"])
     with torch.device("meta"):
-        method = cls(NUM_CLASSES, **init_args)
-    assert isinstance(method, EnsembleMethod)
-    return method
+        return cls(NUM_CLASSES, **init_args)
+
+
+def configs_by_method() -> dict[str, list[Path]]:
+    """Registered method name -> its CIFAR-100 configs.
+
+    Raises:
+        SystemExit: a registered method has no config, or a config has no :data:`PAPER` row.
+    """
+    configs = sorted((ROOT / "configs" / "cifar100").glob("*.yaml"))
+    untitled = [c.name for c in configs if c.stem not in PAPER]
+    if untitled:
+        raise SystemExit(f"method_table.py: add a PAPER row for {untitled}")
+    found: dict[str, list[Path]] = {}
+    for name, cls in METHODS.items():
+        mine = [c for c in configs if method_spec(c)["class_path"] == class_path(cls)]
+        if not mine:
+            raise SystemExit(f"method_table.py: registered method {name!r} has no CIFAR-100 config")
+        found[name] = mine
+    return found
 
 
 def count(method: EnsembleMethod) -> tuple[int, int]:
@@ -64,8 +93,9 @@ def table() -> str:
         "| Method | Paper | M | Trainable parameters | Stored (params + buffers) | Config |",
         "|---|---|---:|---:|---:|---|",
     ]
-    for stem, (title, where) in PAPER.items():
-        config = ROOT / "configs" / "cifar100" / f"{stem}.yaml"
+    found = [c for configs in configs_by_method().values() for c in configs]
+    for config in sorted(found, key=lambda c: list(PAPER).index(c.stem)):
+        title, where = PAPER[config.stem]
         method = build(config)
         trainable, stored = count(method)
         rows.append(

@@ -48,7 +48,7 @@ from benchmarks.report import (
     train_key,
     write_markdown,
 )
-from lorae.adapters import adapter_state_dict, tensor_bytes
+from lorae.checkpoints.adapters import adapter_state_dict, tensor_bytes
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -3,7 +3,7 @@
     python experiments/make_results.py [--sst2 runs/sst2_minilm] [--cifar10 runs/cifar10_j] \
         [--output docs/results.md] [--discussion experiments/discussion.md] [--discussion-only]
 
-Every table cell is computed here from the runs (``lorae.tools.aggregate``: mean ± sample
+Every table cell is computed here from the runs (``lorae.cli.aggregate``: mean ± sample
 standard deviation over seeds); nothing is typed by hand except the discussion, which is read
 from ``--discussion`` and included unchanged, so it survives regeneration. The reliability
 diagram and ensemble-size curve of each method's first seed are copied next to the document
@@ -25,11 +25,11 @@ from typing import Any
 if __package__ in (None, ""):  # run as `python experiments/make_results.py`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lorae.tools.aggregate import aggregate
+from lorae.cli.aggregate import aggregate
 
 REPO = Path(__file__).resolve().parents[1]
 
-#: (metric name for lorae.tools.aggregate, column title, digits)
+#: (metric name for lorae.cli.aggregate, column title, digits)
 QUALITY = [
     ("acc", "Accuracy", 4),
     ("f1", "Macro F1", 4),

@@ -17,7 +17,8 @@ import torch
 from lightning.pytorch.cli import OptimizerCallable
 from torch import Tensor
 
-from lorae.adapters import (
+from lorae.backbones.base import Inputs
+from lorae.checkpoints.adapters import (
     ADAPTERS_KEY,
     CheckpointContents,
     checkpoint_record,
@@ -25,8 +26,8 @@ from lorae.adapters import (
     restore_checkpoint,
     strip_checkpoint,
 )
-from lorae.backbones.base import Inputs
 from lorae.errors import CheckpointMismatchError, ConfigError
+from lorae.evaluation.result import TestStepOutput
 from lorae.methods.base import EnsembleMethod, describe_mismatch
 from lorae.metrics import (
     EnsembleMetrics,
@@ -36,8 +37,7 @@ from lorae.metrics import (
     predictive_entropy,
     predictive_log_probs,
 )
-from lorae.metrics.evaluation import TestEvaluation
-from lorae.optim import LRDecay, warmup_decay
+from lorae.optim import LRDecay, TrainingSteps, warmup_decay
 from lorae.training import default_callbacks
 
 Batch = tuple[Inputs, Tensor]
@@ -64,16 +64,16 @@ class EnsembleClassifier(pl.LightningModule):
         checkpoint: what checkpoints store: ``"full"`` (every weight) or ``"adapters"`` (only
             trainable parameters and buffers, e.g. LoRA factors, heads, snapshots; the frozen
             pretrained backbone is left out and identified by a fingerprint, see
-            :mod:`lorae.adapters`). Loading an adapter-only checkpoint needs the same
+            :mod:`lorae.checkpoints.adapters`). Loading an adapter-only checkpoint needs the same
             ``pretrained`` weights; either kind loads whatever this option says.
 
     Logged metrics (``{stage}/`` prefix for ``val`` and ``test``): ``acc``, ``f1`` (macro),
     ``ece``, ``nll``, ``brier`` of the ensemble predictive, ``member_acc/{i}`` per member, and
-    ``loss``. Testing adds everything :class:`~lorae.metrics.evaluation.TestEvaluation` computes
-    (ensemble-size curve, diversity, OOD and shift sets), once per entry of
-    :attr:`test_temperatures` (key prefix -> softmax temperature; ``{"": 1.0}`` by default,
-    extended by ``--calibrate temperature`` and ``--temperature_sweep``); the arrays behind the
-    plots are kept in :attr:`test_arrays`.
+    ``loss``. Testing logs ``test/loss``; :meth:`test_step` returns the member logits and
+    targets, from which the :class:`~lorae.evaluation.callback.TestProtocol` callback (attached
+    by the CLI; add it to a trainer of your own) computes and logs every other ``test/`` metric
+    (temperature variants, ensemble-size curve, diversity, OOD and shift sets) and writes
+    ``metrics.json``.
     """
 
     class_weights: Tensor | None
@@ -109,9 +109,6 @@ class EnsembleClassifier(pl.LightningModule):
         m = self.method.num_members
         self.val_metrics = EnsembleMetrics(num_classes, m, ece_bins)
         self.ece_bins = ece_bins
-        self.test_temperatures: dict[str, float] = {"": 1.0}
-        self.test_evaluation: TestEvaluation | None = None
-        self.test_arrays: dict[str, Tensor] = {}
 
     def forward(self, x: Inputs) -> Tensor:
         """Member logits. Shape: inputs ``(B, ...)`` -> ``(M, B, C)``."""
@@ -142,18 +139,9 @@ class EnsembleClassifier(pl.LightningModule):
     def on_validation_epoch_end(self) -> None:
         self._log_metrics("val", self.val_metrics)
 
-    def on_test_start(self) -> None:
-        datamodule = getattr(self.trainer, "datamodule", None)
-        sets = getattr(datamodule, "evaluation_sets", [])
-        self.test_evaluation = TestEvaluation(
-            self.num_classes,
-            self.method.num_members,
-            self.ece_bins,
-            self.test_temperatures,
-            [(s.name, s.kind) for s in sets],
-        ).to(self.device)
-
-    def test_step(self, batch: Batch, batch_idx: int, dataloader_idx: int = 0) -> None:
+    def test_step(self, batch: Batch, batch_idx: int, dataloader_idx: int = 0) -> TestStepOutput:
+        """Log the test loss (test split only) and return the float32 member logits
+        ``(M, B, C)`` and targets ``(B,)`` for :class:`~lorae.evaluation.TestProtocol`."""
         inputs, target = batch
         logits = self(inputs).float()  # bf16-mixed logits: metrics in float32
         if dataloader_idx == 0:  # evaluation-set targets may lie outside the task's classes
@@ -165,15 +153,7 @@ class EnsembleClassifier(pl.LightningModule):
                 batch_size=target.shape[0],
                 add_dataloader_idx=False,
             )
-        assert self.test_evaluation is not None
-        self.test_evaluation.update(logits, target, dataloader_idx)
-
-    def on_test_epoch_end(self) -> None:
-        assert self.test_evaluation is not None
-        scalars, self.test_arrays = self.test_evaluation.compute()  # synchronised across ranks
-        for key, value in scalars.items():
-            self.log(f"test/{key}", value, add_dataloader_idx=False)
-        self.test_evaluation = None
+        return {"logits": logits, "target": target}
 
     def predict_step(self, batch: Batch, batch_idx: int) -> dict[str, Tensor]:
         """Per-sample uncertainty: predictive probabilities ``(B, C)``; predicted class, total
@@ -211,7 +191,17 @@ class EnsembleClassifier(pl.LightningModule):
             if math.isfinite(batches)
             else total_steps
         )
-        schedule = warmup_decay(total_steps, self.warmup_steps, self.lr_decay, steps_per_epoch)
+        steps = TrainingSteps(
+            total_steps,
+            steps_per_epoch,
+            self.trainer.max_epochs,
+            self.warmup_steps,
+            bool(self.trainer.fast_dev_run),  # type: ignore[attr-defined]
+        )
+        # The method's own schedule (Snapshot Ensemble's cycles), else warm-up + decay.
+        schedule = self.method.lr_schedule(steps) or warmup_decay(
+            total_steps, self.warmup_steps, self.lr_decay, steps_per_epoch
+        )
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
         return {
             "optimizer": optimizer,
@@ -220,7 +210,9 @@ class EnsembleClassifier(pl.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint[CHECKPOINT_KEY] = self.method.identity()
-        record = checkpoint_record(self.method, self.checkpoint_contents, self.method_config)
+        record = checkpoint_record(
+            self.method, self.checkpoint_contents, self.method_config, prefix="method."
+        )  # "method.": self.method's entries in the state dict
         checkpoint[ADAPTERS_KEY] = record
         if self.checkpoint_contents == "adapters":
             strip_checkpoint(checkpoint, record)

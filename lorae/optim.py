@@ -33,11 +33,32 @@ class ExponentialDecay:
 
 
 LRDecay = Literal["cosine", "linear", "constant"] | ExponentialDecay
+#: Learning-rate multiplier per optimizer step (the function ``LambdaLR`` takes).
+LRLambda = Callable[[int], float]
+
+
+@dataclass(frozen=True)
+class TrainingSteps:
+    """How long training runs, in optimizer steps: what a learning-rate schedule is built from.
+
+    Attributes:
+        total_steps: optimizer steps of the whole fit (Lightning's estimate).
+        steps_per_epoch: optimizer steps per epoch (gradient accumulation counted).
+        max_epochs: the trainer's epoch budget (``None`` or negative when unbounded).
+        warmup_steps: linear warm-up steps the module is configured with.
+        fast_dev_run: a one-step debugging run (Lightning's ``fast_dev_run``).
+    """
+
+    total_steps: int
+    steps_per_epoch: int
+    max_epochs: int | None
+    warmup_steps: int
+    fast_dev_run: bool = False
 
 
 def warmup_decay(
     total_steps: int, warmup_steps: int, decay: LRDecay, steps_per_epoch: int = 1
-) -> Callable[[int], float]:
+) -> LRLambda:
     """Multiplier of the base learning rate at each optimizer step (for ``LambdaLR``).
 
     Linear warm-up from 0 to 1 over ``warmup_steps`` (the paper uses 500), then ``decay``:

@@ -1,9 +1,9 @@
-"""Backbones: pretrained transformers that return one feature vector per sample."""
+"""Backbones: pretrained transformers that return one feature vector per sample. Each family
+owns its preprocessing (:func:`backbone_preprocessing`) and its LoRA target family name."""
 
 from lorae.backbones.base import Backbone, Inputs, Pretrained
 from lorae.backbones.registry import (
-    IMAGENET,
-    ImagePreprocessing,
+    backbone_preprocessing,
     create_backbone,
     image_preprocessing,
     known_backbones,
@@ -11,11 +11,10 @@ from lorae.backbones.registry import (
 )
 
 __all__ = [
-    "IMAGENET",
     "Backbone",
-    "ImagePreprocessing",
     "Inputs",
     "Pretrained",
+    "backbone_preprocessing",
     "create_backbone",
     "image_preprocessing",
     "known_backbones",

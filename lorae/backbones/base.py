@@ -4,13 +4,15 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, TypeAlias
+from typing import Any, Literal, TypeAlias
 
 from torch import Tensor, nn
 
 from lorae.errors import ConfigError, WeightsNotFoundError
-from lorae.lora.targets import BackboneFamily
 
+#: The architecture families lorae knows; each backbone builder declares its own. LoRA's target
+#: table (:data:`lorae.lora.targets.TARGETS`) has one entry per family, under the same name.
+BackboneFamily = Literal["timm_vit", "torchvision_vit", "hf_bert"]
 #: A batch of model inputs: an image tensor ``(B, ...)`` or named text tensors ``(B, T)``.
 Inputs: TypeAlias = Tensor | Mapping[str, Tensor]
 #: ``True`` downloads the published weights, ``False`` initialises randomly, a path loads

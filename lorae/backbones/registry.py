@@ -15,9 +15,20 @@ import torchvision
 
 from lorae.backbones.ast import AST_SOURCE, build_ast
 from lorae.backbones.base import Backbone, Pretrained
-from lorae.backbones.hf_bert import BERT_ARCHITECTURES, build_hf_bert
+from lorae.backbones.hf_bert import (
+    BERT_ARCHITECTURES,
+    PACKAGED_MODELS,
+    build_hf_bert,
+    packaged_model_path,
+)
 from lorae.backbones.timm_vit import TIMM_PATTERNS, build_timm_vit, is_timm_vit
 from lorae.backbones.torchvision_vit import TORCHVISION_VITS, build_torchvision_vit
+from lorae.data.preprocessing import (
+    IMAGENET,
+    ImagePreprocessing,
+    Preprocessing,
+    TextPreprocessing,
+)
 from lorae.errors import ConfigError
 
 Builder = Callable[[str, Pretrained, Mapping[str, Any] | None], Backbone]
@@ -63,18 +74,6 @@ register_backbone(
 )
 
 
-@dataclass(frozen=True)
-class ImagePreprocessing:
-    """The input a vision backbone's published weights expect."""
-
-    image_size: int
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
-
-
-IMAGENET = ImagePreprocessing(224, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
-
-
 def image_preprocessing(name: str) -> ImagePreprocessing:
     """Input size and normalisation of a vision backbone's published weights, read from the
     library that publishes them (timm's pretrained config, torchvision's weights metadata).
@@ -94,6 +93,27 @@ def image_preprocessing(name: str) -> ImagePreprocessing:
         f"{name!r} is not a known vision backbone; image preprocessing is defined for:\n  "
         + "\n  ".join(known_backbones()[:2])
     )
+
+
+def backbone_preprocessing(name: str, pretrained: Pretrained = True) -> Preprocessing:
+    """What the data module must feed backbone ``name``: the published image size and
+    normalisation of a vision backbone, the tokenizer of a text backbone (its ``pretrained``
+    folder when it is one, its package's folder for a packaged model, else its Hugging Face
+    name), ``None`` for the audio backbone (its front end is the data module's) and for an
+    unknown name (building the method reports that one).
+
+    The CLI links ``model.method.init_args.backbone`` and ``pretrained`` through this to
+    ``data.init_args.preprocessing``.
+    """
+    if name in BERT_ARCHITECTURES:
+        if isinstance(pretrained, str):
+            return TextPreprocessing(pretrained)
+        if name in PACKAGED_MODELS:
+            return TextPreprocessing(packaged_model_path(name))
+        return TextPreprocessing(name)
+    if name in TORCHVISION_VITS or is_timm_vit(name):
+        return image_preprocessing(name)
+    return None
 
 
 def known_backbones() -> list[str]:

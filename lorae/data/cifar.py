@@ -30,6 +30,7 @@ from lorae.data.corruptions import (
     check_corruptions,
     corruption_sets,
 )
+from lorae.data.preprocessing import Preprocessing, image_input
 from lorae.data.svhn import load_svhn_test
 from lorae.data.transforms import ImageTransforms
 from lorae.errors import ConfigError, CorruptSampleError, DataNotFoundError
@@ -117,7 +118,8 @@ class _CIFARDataModule(ClassificationDataModule):
 
     Args:
         root: Folder holding ``cifar-10-batches-py`` / ``cifar-100-python``.
-        backbone: Registered vision backbone whose input size and normalisation are used.
+        preprocessing: The backbone's input size and normalisation (linked from the
+            method's ``backbone`` by the CLI; ``None``: ImageNet's 224 px).
         image_size: Overrides the backbone's input size.
         mean: Overrides the backbone's normalisation mean.
         std: Overrides the backbone's normalisation std.
@@ -149,7 +151,7 @@ class _CIFARDataModule(ClassificationDataModule):
     def __init__(
         self,
         root: str,
-        backbone: str | None = None,
+        preprocessing: Preprocessing = None,
         image_size: int | None = None,
         mean: tuple[float, float, float] | None = None,
         std: tuple[float, float, float] | None = None,
@@ -176,7 +178,9 @@ class _CIFARDataModule(ClassificationDataModule):
             skip_corrupt=skip_corrupt,
         )
         self.root = Path(root)
-        self.transforms = ImageTransforms.for_backbone(backbone, image_size, mean, std)
+        self.transforms = ImageTransforms.resolve(
+            image_input(preprocessing, type(self).__name__), image_size, mean, std
+        )
         self.download = download
         self.augment = augment
         self.ood = list(ood)

@@ -13,6 +13,7 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
 from lorae.data.base import ClassificationDataModule, TransformedDataset, split_indices
+from lorae.data.preprocessing import Preprocessing, image_input
 from lorae.data.transforms import ImageTransforms
 from lorae.errors import ConfigError, CorruptSampleError, DataNotFoundError
 
@@ -93,7 +94,8 @@ class HAM10000DataModule(ClassificationDataModule):
 
     Args:
         root: Folder with ``HAM10000_metadata.csv`` and the two image folders.
-        backbone: Registered vision backbone whose input size and normalisation are used.
+        preprocessing: The backbone's input size and normalisation (linked from the
+            method's ``backbone`` by the CLI; ``None``: ImageNet's 224 px).
         image_size: Overrides the backbone's input size.
         mean: Overrides the backbone's normalisation mean.
         std: Overrides the backbone's normalisation std.
@@ -116,7 +118,7 @@ class HAM10000DataModule(ClassificationDataModule):
     def __init__(
         self,
         root: str,
-        backbone: str | None = None,
+        preprocessing: Preprocessing = None,
         image_size: int | None = None,
         mean: tuple[float, float, float] | None = None,
         std: tuple[float, float, float] | None = None,
@@ -139,7 +141,9 @@ class HAM10000DataModule(ClassificationDataModule):
             skip_corrupt=skip_corrupt,
         )
         self.root = Path(root)
-        self.transforms = ImageTransforms.for_backbone(backbone, image_size, mean, std)
+        self.transforms = ImageTransforms.resolve(
+            image_input(preprocessing, type(self).__name__), image_size, mean, std
+        )
         self.augment = augment
         rows = self._read_metadata()
         lesions = sorted({lesion for lesion, _, _ in rows})

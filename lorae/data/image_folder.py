@@ -13,6 +13,7 @@ from torchvision.datasets.folder import IMG_EXTENSIONS
 from torchvision.transforms import InterpolationMode, v2
 
 from lorae.data.base import ClassificationDataModule, TransformedDataset, split_indices
+from lorae.data.preprocessing import Preprocessing, image_input
 from lorae.data.transforms import ImageTransforms
 from lorae.errors import ConfigError, CorruptSampleError, DataNotFoundError
 
@@ -85,9 +86,9 @@ class ImageFolderDataModule(ClassificationDataModule):
 
     Args:
         root: Data folder (see layout above).
-        backbone: Name of the vision backbone the images are for; its published weights'
-            input size, mean and std become the defaults of the next three arguments
-            (``vit_b_32``: 224 px, ImageNet mean/std; timm ``vit_*`` augreg: 224 px, 0.5/0.5).
+        preprocessing: The backbone's published input size, mean and std, the defaults of the
+            next three arguments (``vit_b_32``: 224 px, ImageNet mean/std; timm ``vit_*``
+            augreg: 224 px, 0.5/0.5); the CLI links it from the method's ``backbone``.
         image_size: Side of the square model input in pixels (default: the backbone's, or 224).
         mean: Per-channel normalization mean (default: the backbone's, or ImageNet's).
         std: Per-channel normalization standard deviation (default: the backbone's, or
@@ -113,7 +114,7 @@ class ImageFolderDataModule(ClassificationDataModule):
     def __init__(
         self,
         root: str,
-        backbone: str | None = None,
+        preprocessing: Preprocessing = None,
         image_size: int | None = None,
         mean: tuple[float, float, float] | None = None,
         std: tuple[float, float, float] | None = None,
@@ -135,7 +136,9 @@ class ImageFolderDataModule(ClassificationDataModule):
             skip_corrupt=skip_corrupt,
         )
         # the backbone's published size and normalisation, overrides validated
-        resolved = ImageTransforms.for_backbone(backbone, image_size, mean, std)
+        resolved = ImageTransforms.resolve(
+            image_input(preprocessing, type(self).__name__), image_size, mean, std
+        )
         if (
             isinstance(test_fraction, bool)
             or not isinstance(test_fraction, (int, float))

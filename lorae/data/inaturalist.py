@@ -13,6 +13,7 @@ from torchvision.datasets import INaturalist
 from torchvision.datasets.inaturalist import DATASET_URLS
 
 from lorae.data.base import ClassificationDataModule, TransformedDataset, split_indices
+from lorae.data.preprocessing import Preprocessing, image_input
 from lorae.data.transforms import ImageTransforms
 from lorae.errors import ConfigError, CorruptSampleError, DataNotFoundError
 
@@ -53,7 +54,8 @@ class INaturalist2017DataModule(ClassificationDataModule):
 
     Args:
         root: Folder holding ``2017/`` (and optionally the split JSON files).
-        backbone: Registered vision backbone whose input size and normalisation are used.
+        preprocessing: The backbone's input size and normalisation (linked from the
+            method's ``backbone`` by the CLI; ``None``: ImageNet's 224 px).
         image_size: Overrides the backbone's input size.
         mean: Overrides the backbone's normalisation mean.
         std: Overrides the backbone's normalisation std.
@@ -75,7 +77,7 @@ class INaturalist2017DataModule(ClassificationDataModule):
     def __init__(
         self,
         root: str,
-        backbone: str | None = None,
+        preprocessing: Preprocessing = None,
         image_size: int | None = None,
         mean: tuple[float, float, float] | None = None,
         std: tuple[float, float, float] | None = None,
@@ -98,7 +100,9 @@ class INaturalist2017DataModule(ClassificationDataModule):
             skip_corrupt=skip_corrupt,
         )
         self.root = Path(root)
-        self.transforms = ImageTransforms.for_backbone(backbone, image_size, mean, std)
+        self.transforms = ImageTransforms.resolve(
+            image_input(preprocessing, type(self).__name__), image_size, mean, std
+        )
         self.augment = augment
         self.test_fraction = test_fraction
         images = self.root / "2017"

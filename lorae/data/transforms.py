@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torchvision.transforms import InterpolationMode, v2
 
-from lorae.backbones.registry import IMAGENET, image_preprocessing
+from lorae.data.preprocessing import ImagePreprocessing
 from lorae.errors import ConfigError
 
 __all__ = ["ImageTransforms"]
@@ -38,9 +38,9 @@ class ImageTransforms:
     std: tuple[float, float, float]
 
     @classmethod
-    def for_backbone(
+    def resolve(
         cls,
-        backbone: str | None,
+        published: ImagePreprocessing,
         image_size: int | None = None,
         mean: Sequence[float] | None = None,
         std: Sequence[float] | None = None,
@@ -48,16 +48,14 @@ class ImageTransforms:
         """The backbone's published input size and normalisation, each overridable.
 
         Args:
-            backbone: A registered vision backbone name; ``None`` uses ImageNet's 224 px,
-                mean and std.
+            published: the backbone's input (:mod:`lorae.data.preprocessing`).
             image_size: Overrides the backbone's input size.
             mean: Overrides the backbone's mean (3 values).
             std: Overrides the backbone's std (3 positive values).
 
         Raises:
-            ConfigError: If the backbone is unknown or a value is out of range.
+            ConfigError: If a value is out of range.
         """
-        published = IMAGENET if backbone is None else image_preprocessing(backbone)
         size = published.image_size if image_size is None else image_size
         mean = published.mean if mean is None else tuple(mean)
         std = published.std if std is None else tuple(std)

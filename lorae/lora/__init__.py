@@ -1,5 +1,5 @@
-"""LoRA-Ensemble engine: batched low-rank layers, the MHA replacement, injection, targets,
-member chunks and the shared trunk."""
+"""LoRA-Ensemble engine: the options (:class:`LoRASpec`), batched low-rank layers, the MHA
+replacement, injection, targets, member chunks and the shared trunk."""
 
 from lorae.lora.chunks import (
     DEFAULT_ROW_BUDGET,
@@ -9,6 +9,7 @@ from lorae.lora.chunks import (
     member_chunks,
     member_factors,
 )
+from lorae.lora.config import LoRAInit, LoRASpec
 from lorae.lora.inject import (
     BackboneTraining,
     attention_parts,
@@ -18,9 +19,9 @@ from lorae.lora.inject import (
     replace_projections,
     train_backbone_weights,
 )
-from lorae.lora.layers import LoRAEnsembleFusedLinear, LoRAEnsembleLinear, LoRAInit, lora_scale
+from lorae.lora.layers import LoRAEnsembleFusedLinear, LoRAEnsembleLinear
 from lorae.lora.mha import MultiheadSelfAttention, replace_multihead_attention
-from lorae.lora.targets import ATTENTION, TARGETS, BackboneFamily, FamilyTargets, Projection
+from lorae.lora.targets import ATTENTION, TARGETS, FamilyTargets, Projection
 from lorae.lora.trunk import SharedTrunk, transformer_blocks
 
 __all__ = [
@@ -28,12 +29,12 @@ __all__ = [
     "DEFAULT_ROW_BUDGET",
     "ROW_BUDGET",
     "TARGETS",
-    "BackboneFamily",
     "BackboneTraining",
     "FamilyTargets",
     "LoRAEnsembleFusedLinear",
     "LoRAEnsembleLinear",
     "LoRAInit",
+    "LoRASpec",
     "MemberChunkSize",
     "MultiheadSelfAttention",
     "Projection",
@@ -43,7 +44,6 @@ __all__ = [
     "family_targets",
     "inject_lora",
     "lora_layers",
-    "lora_scale",
     "member_chunks",
     "member_factors",
     "replace_multihead_attention",

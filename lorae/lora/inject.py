@@ -15,7 +15,8 @@ from typing import Literal
 from torch import Tensor, nn
 
 from lorae.errors import ConfigError
-from lorae.lora.layers import LoRAEnsembleFusedLinear, LoRAEnsembleLinear, LoRAInit
+from lorae.lora.config import LoRASpec
+from lorae.lora.layers import LoRAEnsembleFusedLinear, LoRAEnsembleLinear
 from lorae.lora.targets import ATTENTION, QKV, TARGETS, FamilyTargets, Projection
 
 
@@ -106,30 +107,16 @@ def replace_projections(
     return wrapped
 
 
-def inject_lora(
-    model: nn.Module,
-    family: str,
-    num_members: int,
-    rank: int,
-    targets: Sequence[Projection] = ATTENTION,
-    last_blocks: int | None = None,
-    alpha: float | None = None,
-    init: LoRAInit = "xavier_uniform",
-    init_gain: float = 10.0,
-    init_std: float = 0.02,
-) -> list[str]:
+def inject_lora(model: nn.Module, family: str, spec: LoRASpec, num_members: int) -> list[str]:
     """Replace the target projections of ``model`` in place with LoRA-Ensemble layers.
 
     Args:
         model: the backbone network (its module names must follow ``family``'s table).
         family: one of :data:`lorae.lora.targets.TARGETS` (``timm_vit``, ``torchvision_vit``,
             ``hf_bert``).
+        spec: rank, scale, init and placement (``targets``, ``last_blocks`` >= 1 or
+            ``None``; ``0``, no adapters at all, is LoRAEnsemble's head-only ensemble).
         num_members: ensemble size M; ``1`` is "single network with LoRA".
-        rank: LoRA rank R.
-        targets: projections to adapt: any of ``q``, ``k``, ``v``, ``o`` (attention, the
-            paper's default) and ``mlp``.
-        last_blocks: adapt only the last k transformer blocks (``None``: all blocks).
-        alpha, init, init_gain, init_std: see :class:`~lorae.lora.layers.LoRAEnsembleLinear`.
 
     Returns:
         Qualified names of the wrapped modules.
@@ -140,14 +127,14 @@ def inject_lora(
 
     def build(base: nn.Linear, keys: tuple[str, ...], enabled: list[str]) -> nn.Module:
         if keys == QKV:
-            return LoRAEnsembleFusedLinear(
-                base, QKV, enabled, num_members, rank, alpha, init, init_gain, init_std
-            )
-        return LoRAEnsembleLinear(base, num_members, rank, alpha, init, init_gain, init_std)
+            return LoRAEnsembleFusedLinear(base, QKV, enabled, num_members, spec)
+        return LoRAEnsembleLinear(base, num_members, spec)
 
     family_targets(family)  # an unknown family fails before the model is touched
+    if num_members < 1:
+        raise ConfigError(f"num_members must be >= 1, got {num_members}.")
     model.requires_grad_(False)
-    return replace_projections(model, family, build, targets, last_blocks)
+    return replace_projections(model, family, build, spec.targets, spec.last_blocks)
 
 
 def lora_layers(model: nn.Module) -> dict[str, LoRAEnsembleLinear]:

@@ -15,23 +15,12 @@ with ``torch.func.functional_call``: a chunk of members (views ``A[m0:m0+k]``, s
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Literal
 
 import torch
 from torch import Tensor, nn
 
 from lorae.errors import ConfigError
-
-LoRAInit = Literal["xavier_uniform", "normal"]
-
-
-def _check_lora_args(num_members: int, rank: int, init: str) -> None:
-    if num_members < 1:
-        raise ConfigError(f"num_members must be >= 1, got {num_members}.")
-    if rank < 1:
-        raise ConfigError(f"rank must be >= 1, got {rank}.")
-    if init not in ("xavier_uniform", "normal"):
-        raise ConfigError(f"init must be 'xavier_uniform' or 'normal', got {init!r}.")
+from lorae.lora.config import LoRAInit, LoRASpec
 
 
 @torch.no_grad()
@@ -52,11 +41,6 @@ def init_lora_a(a: Tensor, init: LoRAInit, gain: float, std: float) -> None:
             nn.init.normal_(matrix, mean=0.0, std=std)
 
 
-def lora_scale(rank: int, alpha: float | None) -> float:
-    """The LoRA scale ``alpha / rank`` (``alpha=None`` means ``alpha = rank``, scale 1)."""
-    return (rank if alpha is None else alpha) / rank
-
-
 def _members_view(x: Tensor, num_members: int) -> Tensor:
     """View a member-major batch ``(M*B, ..., D)`` as ``(M, B*..., D)`` without copying."""
     if x.shape[0] % num_members != 0:
@@ -74,13 +58,8 @@ class LoRAEnsembleLinear(nn.Module):
     Args:
         base: the pretrained projection ``W_0``; it is frozen and kept (not copied).
         num_members: ensemble size M.
-        rank: LoRA rank R.
-        alpha: scale numerator; the delta is multiplied by ``alpha / rank``. ``None`` means
-            ``alpha = rank`` (scale 1, as the paper).
-        init: initialisation of ``A``: ``"xavier_uniform"`` (gain ``init_gain``) or
-            ``"normal"`` (std ``init_std``).
-        init_gain: Xavier gain (paper default 10).
-        init_std: Gaussian standard deviation.
+        spec: rank R, scale ``alpha / R`` and the init of ``A`` (its ``targets`` and
+            ``last_blocks`` are placement, read by :func:`~lorae.lora.inject.inject_lora`).
 
     Shape:
         - A: ``(M, R, D_in)``, B: ``(M, D_out, R)``
@@ -88,50 +67,30 @@ class LoRAEnsembleLinear(nn.Module):
         - output: ``(M*B, ..., D_out)``
     """
 
-    def __init__(
-        self,
-        base: nn.Linear,
-        num_members: int,
-        rank: int,
-        alpha: float | None = None,
-        init: LoRAInit = "xavier_uniform",
-        init_gain: float = 10.0,
-        init_std: float = 0.02,
-    ) -> None:
+    def __init__(self, base: nn.Linear, num_members: int, spec: LoRASpec) -> None:
         super().__init__()
-        self._init_factors(
-            base,
-            num_members,
-            rank,
-            alpha,
-            (rank,),
-            (base.out_features, rank),
-            init,
-            init_gain,
-            init_std,
-        )
+        self._init_factors(base, num_members, spec, (), (base.out_features,))
 
     def _init_factors(
         self,
         base: nn.Linear,
         num_members: int,
-        rank: int,
-        alpha: float | None,
-        a_shape: tuple[int, ...],
+        spec: LoRASpec,
+        parts: tuple[int, ...],
         b_shape: tuple[int, ...],
-        init: LoRAInit,
-        init_gain: float,
-        init_std: float,
     ) -> None:
-        """Freeze ``base``; create ``A (M, *a_shape, D_in)`` (drawn) and ``B (M, *b_shape)`` = 0."""
-        _check_lora_args(num_members, rank, init)
+        """Freeze ``base``; create ``A (M, *parts, R, D_in)`` (drawn) and
+        ``B (M, *b_shape, R)`` = 0."""
+        if num_members < 1:
+            raise ConfigError(f"num_members must be >= 1, got {num_members}.")
         self.base = base.requires_grad_(False)
-        self.rank = rank
-        self.scale = lora_scale(rank, alpha)
+        self.rank = spec.rank
+        self.scale = spec.scale
         weight = base.weight
-        self.A = nn.Parameter(weight.new_empty(num_members, *a_shape, base.in_features))
-        self.B = nn.Parameter(weight.new_zeros(num_members, *b_shape))
-        init_lora_a(self.A, init, init_gain, init_std)
+        a_shape = (num_members, *parts, spec.rank, base.in_features)
+        self.A = nn.Parameter(weight.new_empty(a_shape))
+        self.B = nn.Parameter(weight.new_zeros(num_members, *b_shape, spec.rank))
+        init_lora_a(self.A, spec.init, spec.gain, spec.std)
 
     @property
     def num_members(self) -> int:
@@ -207,7 +166,7 @@ class LoRAEnsembleFusedLinear(LoRAEnsembleLinear):
         base: the fused frozen projection, ``out_features = len(parts) * D_part``.
         parts: names of the fused parts in output order, e.g. ``("q", "k", "v")``.
         enabled: the parts that get LoRA (a non-empty subset of ``parts``).
-        num_members, rank, alpha, init, init_gain, init_std: as in :class:`LoRAEnsembleLinear`.
+        num_members, spec: as in :class:`LoRAEnsembleLinear`.
 
     Shape:
         - A: ``(M, P, R, D_in)``, B: ``(M, P, D_part, R)`` with P = ``len(enabled)``
@@ -220,11 +179,7 @@ class LoRAEnsembleFusedLinear(LoRAEnsembleLinear):
         parts: Sequence[str],
         enabled: Sequence[str],
         num_members: int,
-        rank: int,
-        alpha: float | None = None,
-        init: LoRAInit = "xavier_uniform",
-        init_gain: float = 10.0,
-        init_std: float = 0.02,
+        spec: LoRASpec,
     ) -> None:
         nn.Module.__init__(self)
         unknown = [p for p in enabled if p not in parts]
@@ -239,17 +194,7 @@ class LoRAEnsembleFusedLinear(LoRAEnsembleLinear):
         self.parts = tuple(parts)
         self.enabled = tuple(p for p in parts if p in enabled)
         n, part_dim = len(self.enabled), base.out_features // len(parts)
-        self._init_factors(
-            base,
-            num_members,
-            rank,
-            alpha,
-            (n, rank),
-            (n, part_dim, rank),
-            init,
-            init_gain,
-            init_std,
-        )
+        self._init_factors(base, num_members, spec, (n,), (n, part_dim))
         self._slots = [self.parts.index(p) for p in self.enabled]
 
     def _add_delta_(self, out: Tensor, hidden: Tensor, b: Tensor) -> None:

@@ -1,4 +1,5 @@
-"""The one contract every method implements: ``forward(x) -> (M, B, C)`` member logits."""
+"""The one contract every method implements: ``forward(x) -> (M, B, C)`` member logits;
+and :class:`BackboneMethod`, the base of methods that hold one pretrained backbone."""
 
 from __future__ import annotations
 
@@ -8,8 +9,10 @@ from typing import Any
 from lightning.pytorch import Callback
 from torch import Tensor, nn
 
-from lorae.backbones.base import Inputs
+from lorae.backbones import create_backbone
+from lorae.backbones.base import Backbone, Inputs, Pretrained
 from lorae.errors import ConfigError
+from lorae.optim import LRLambda, TrainingSteps
 
 
 def repeat_members(x: Inputs, num_members: int) -> Inputs:
@@ -53,6 +56,20 @@ class EnsembleMethod(nn.Module):
         """
         return []
 
+    def lr_schedule(self, steps: TrainingSteps) -> LRLambda | None:
+        """The method's own learning-rate multiplier per optimizer step, or ``None``.
+
+        :meth:`~lorae.module.EnsembleClassifier.configure_optimizers` builds its ``LambdaLR``
+        from it (stepped every optimizer step); ``None`` (the default) takes the module's
+        warm-up + ``lr_decay`` schedule. A method whose training is a schedule (Snapshot
+        Ensemble's cycles) returns it here, so the schedule has one owner and resuming restores
+        its position with the optimizer state.
+
+        Args:
+            steps: the training length and the module's warm-up.
+        """
+        return None
+
     def member_weights(self) -> dict[str, tuple[Tensor, Tensor]]:
         """Weights for the weight-space analysis (paper section 4, appendix D).
 
@@ -82,6 +99,48 @@ class EnsembleMethod(nn.Module):
             "num_members": self.num_members,
             "num_classes": self.num_classes,
         }
+
+
+class BackboneMethod(EnsembleMethod):
+    """Base of methods that hold one pretrained backbone, ``self.backbone``: it owns the
+    prologue every such method shares (classes, members, :func:`~lorae.backbones.create_backbone`)
+    and puts the backbone name into :meth:`identity`.
+
+    Args:
+        num_classes: C (linked from the data module by the CLI).
+        backbone: a registered backbone name (:func:`lorae.backbones.known_backbones`).
+        num_members: ensemble size M.
+        pretrained: ``True`` (download), ``False`` (random) or a local weights path.
+        backbone_overrides: architecture arguments for the backbone constructor.
+
+    Raises:
+        ConfigError: ``num_members < 1``, or the backbone cannot be built (unknown name,
+            missing weights).
+
+    Shape:
+        backbone: inputs ``(B, ...)`` -> features ``(B, D)``
+    """
+
+    backbone: Backbone
+
+    def __init__(
+        self,
+        num_classes: int,
+        backbone: str,
+        num_members: int,
+        pretrained: Pretrained = True,
+        backbone_overrides: Mapping[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        if num_members < 1:
+            raise ConfigError(f"num_members must be >= 1, got {num_members}.")
+        self.num_classes = num_classes
+        self.num_members = num_members
+        self.backbone_name = backbone
+        self.backbone = create_backbone(backbone, pretrained, backbone_overrides)
+
+    def identity(self) -> dict[str, Any]:
+        return {**super().identity(), "backbone": self.backbone_name}
 
 
 def describe_mismatch(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:

@@ -9,12 +9,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lorae.backbones import create_backbone
 from lorae.backbones.base import Inputs, Pretrained
 from lorae.errors import ConfigError
 from lorae.heads import EnsembleHead
 from lorae.lora import ATTENTION, attention_parts, replace_projections
-from lorae.methods.base import EnsembleMethod, repeat_members
+from lorae.methods.base import BackboneMethod, repeat_members
+from lorae.methods.registry import register_method
 
 Variant = Literal["multiplicative", "additive"]
 
@@ -89,7 +89,8 @@ class BatchEnsembleLinear(nn.Module):
         return effective.reshape(m, -1, self.base.in_features)
 
 
-class BatchEnsemble(EnsembleMethod):
+@register_method("batch_ensemble")
+class BatchEnsemble(BackboneMethod):
     """BatchEnsemble (``variant: multiplicative``) or BatchEnsemble++ (``variant: additive``)
     on every attention projection q, k, v, o; one classifier head per member.
 
@@ -121,12 +122,8 @@ class BatchEnsemble(EnsembleMethod):
         pretrained: Pretrained = True,
         backbone_overrides: Mapping[str, Any] | None = None,
     ) -> None:
-        super().__init__()
-        self.num_classes = num_classes
-        self.num_members = num_members
+        super().__init__(num_classes, backbone, num_members, pretrained, backbone_overrides)
         self.variant = variant
-        self.backbone_name = backbone
-        self.backbone = create_backbone(backbone, pretrained, backbone_overrides)
         self.backbone.requires_grad_(False)
 
         def build(base: nn.Linear, keys: tuple[str, ...], enabled: list[str]) -> nn.Module:
@@ -154,4 +151,4 @@ class BatchEnsemble(EnsembleMethod):
         return weights
 
     def identity(self) -> dict[str, Any]:
-        return {**super().identity(), "backbone": self.backbone_name, "variant": self.variant}
+        return {**super().identity(), "variant": self.variant}

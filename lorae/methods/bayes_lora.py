@@ -25,7 +25,7 @@ discards it. Validation during ``fit`` evaluates the MAP network, repeated as S 
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from typing import Any, Literal
 
 import lightning.pytorch as pl
@@ -38,16 +38,10 @@ from torch.utils.data import DataLoader
 
 from lorae.backbones.base import Inputs, Pretrained
 from lorae.errors import ConfigError
-from lorae.lora import (
-    ATTENTION,
-    LoRAEnsembleFusedLinear,
-    LoRAEnsembleLinear,
-    LoRAInit,
-    Projection,
-    lora_layers,
-)
+from lorae.lora import LoRAEnsembleFusedLinear, LoRAEnsembleLinear, LoRASpec, lora_layers
 from lorae.methods.base import repeat_members
-from lorae.methods.lora_ensemble import LoRAEnsemble, LoRANetworkMethod
+from lorae.methods.lora_ensemble import DEFAULT_LORA, LoRANetworkMethod
+from lorae.methods.registry import register_method
 
 Fisher = Literal["mc", "empirical"]
 
@@ -246,6 +240,7 @@ class LaplacePosterior(pl.Callback):
             self._ensure(trainer, pl_module)
 
 
+@register_method("bayes_lora")
 class BayesLoRA(LoRANetworkMethod):
     """Laplace-approximated LoRA network; S posterior samples are the members (module
     docstring).
@@ -253,14 +248,15 @@ class BayesLoRA(LoRANetworkMethod):
     Args:
         num_classes: C (linked from the data module by the CLI).
         backbone: a registered backbone name.
-        num_samples: S, the posterior samples evaluated as members (paper: 512).
+        num_members: S, the posterior samples evaluated as members (paper: 512).
         prior_precision: tau of the isotropic Gaussian prior on the LoRA factors.
         fisher: ``"mc"`` (Monte Carlo Fisher, default) or ``"empirical"``.
         fit_batches: use only the first k training batches to fit (``None``: all).
         member_chunk: members evaluated per batched pass (bounds memory, not the result).
         sample_seed: seed of the Monte Carlo labels of the fit and of the posterior samples;
             member i is the same network for every test batch.
-        rank, alpha, targets, init, init_gain, init_std: the LoRA network's options.
+        lora: the LoRA network's options (:class:`~lorae.lora.LoRASpec`); it needs adapters,
+            so ``last_blocks`` may not be 0.
         pretrained: ``True`` (download), ``False`` (random) or a local weights path.
         backbone_overrides: architecture arguments for the backbone constructor.
 
@@ -274,48 +270,33 @@ class BayesLoRA(LoRANetworkMethod):
         self,
         num_classes: int,
         backbone: str,
-        num_samples: int = 512,
+        num_members: int = 512,
         prior_precision: float = 1.0,
         fisher: Fisher = "mc",
         fit_batches: int | None = None,
         member_chunk: int = 16,
         sample_seed: int = 0,
-        rank: int = 8,
-        alpha: float | None = None,
-        targets: Sequence[Projection] = ATTENTION,
-        init: LoRAInit = "xavier_uniform",
-        init_gain: float = 10.0,
-        init_std: float = 0.02,
+        lora: LoRASpec = DEFAULT_LORA,
         pretrained: Pretrained = True,
         backbone_overrides: Mapping[str, Any] | None = None,
     ) -> None:
-        super().__init__()
-        if num_samples < 1 or member_chunk < 1 or prior_precision <= 0:
+        if num_members < 1 or member_chunk < 1 or prior_precision <= 0:
             raise ConfigError(
-                "Bayes-LoRA needs num_samples >= 1, member_chunk >= 1, prior_precision > 0."
+                "Bayes-LoRA needs num_members >= 1, member_chunk >= 1, prior_precision > 0."
             )
         if fisher not in ("mc", "empirical"):
             raise ConfigError(f"fisher must be 'mc' or 'empirical', got {fisher!r}.")
-        self.num_classes = num_classes
-        self.num_members = num_samples
+        if lora.last_blocks == 0:
+            raise ConfigError(
+                "Bayes-LoRA needs LoRA adapters for its posterior: lora.last_blocks must be "
+                "null or >= 1, not 0."
+            )
+        super().__init__(num_classes, backbone, num_members, lora, pretrained, backbone_overrides)
         self.prior_precision = prior_precision
         self.fisher: Fisher = fisher
         self.fit_batches = fit_batches
         self.member_chunk = member_chunk
         self.sample_seed = sample_seed
-        self.network = LoRAEnsemble(
-            num_classes,
-            backbone,
-            num_members=1,
-            rank=rank,
-            alpha=alpha,
-            targets=targets,
-            init=init,
-            init_gain=init_gain,
-            init_std=init_std,
-            pretrained=pretrained,
-            backbone_overrides=backbone_overrides,
-        )
         self.posterior = nn.Module()  # K-FAC factors, buffers "<layer>__<block>__a|g"
         for name, layer in lora_layers(self.network.backbone).items():
             for block, mean in _block_means(layer).items():

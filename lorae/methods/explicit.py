@@ -12,12 +12,12 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from lorae.backbones import create_backbone
 from lorae.backbones.base import Backbone, Inputs, Pretrained
 from lorae.errors import ConfigError
 from lorae.heads import EnsembleHead
 from lorae.lora import attention_parts, family_targets
-from lorae.methods.base import EnsembleMethod
+from lorae.methods.base import BackboneMethod
+from lorae.methods.registry import register_method
 
 Vectorize = Literal["auto", "vmap", "loop"]
 
@@ -45,7 +45,8 @@ def resolve_vectorize(setting: Vectorize, device_type: str, grad_enabled: bool) 
     return setting
 
 
-class ExplicitEnsemble(EnsembleMethod):
+@register_method("explicit_ensemble")
+class ExplicitEnsemble(BackboneMethod):
     """M independent copies of the pretrained backbone, each fully fine-tuned with its own
     head; all members train in one run.
 
@@ -92,14 +93,14 @@ class ExplicitEnsemble(EnsembleMethod):
         pretrained: Pretrained = True,
         backbone_overrides: Mapping[str, Any] | None = None,
     ) -> None:
-        super().__init__()
         if vectorize not in ("auto", "vmap", "loop"):
             raise ConfigError(f"vectorize must be 'auto', 'vmap' or 'loop', got {vectorize!r}.")
-        self.num_classes = num_classes
-        self.num_members = num_members
-        self.backbone_name = backbone
+        super().__init__(num_classes, backbone, num_members, pretrained, backbone_overrides)
         self.vectorize = vectorize
-        net = create_backbone(backbone, pretrained, backbone_overrides)
+        # The members hold stacked copies of the backbone (self.members, below) and its
+        # definition runs on the meta device: the one pretrained copy is not kept.
+        net = self.backbone
+        del self.backbone
         spec = family_targets(net.family)
         if spec.prepare is not None:
             spec.prepare(net.model)
@@ -187,9 +188,6 @@ class ExplicitEnsemble(EnsembleMethod):
             assert isinstance(members, Tensor)
             weights[key] = (self.reference.get_buffer(key.replace(".", "_")), members[:, rows])
         return weights
-
-    def identity(self) -> dict[str, Any]:
-        return {**super().identity(), "backbone": self.backbone_name}
 
 
 def _noisy_parameters(net: Backbone, block_pattern: str, last_blocks: int | None) -> set[str]:

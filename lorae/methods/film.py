@@ -9,11 +9,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lorae.backbones import create_backbone
 from lorae.backbones.base import Inputs, Pretrained
 from lorae.errors import ConfigError
 from lorae.heads import EnsembleHead
-from lorae.methods.base import EnsembleMethod, repeat_members
+from lorae.methods.base import BackboneMethod, repeat_members
+from lorae.methods.registry import register_method
 
 
 class MemberLayerNorm(nn.Module):
@@ -47,7 +47,8 @@ class MemberLayerNorm(nn.Module):
         return out.view(x.shape).to(normed.dtype)
 
 
-class FiLMEnsemble(EnsembleMethod):
+@register_method("film_ensemble")
+class FiLMEnsemble(BackboneMethod):
     """Members share the frozen backbone and differ only in every LayerNorm's affine
     parameters (and their heads), run in one batched pass.
 
@@ -72,11 +73,7 @@ class FiLMEnsemble(EnsembleMethod):
         pretrained: Pretrained = True,
         backbone_overrides: Mapping[str, Any] | None = None,
     ) -> None:
-        super().__init__()
-        self.num_classes = num_classes
-        self.num_members = num_members
-        self.backbone_name = backbone
-        self.backbone = create_backbone(backbone, pretrained, backbone_overrides)
+        super().__init__(num_classes, backbone, num_members, pretrained, backbone_overrides)
         self.backbone.requires_grad_(False)
         names = [n for n, m in self.backbone.named_modules() if isinstance(m, nn.LayerNorm)]
         if not names:
@@ -89,6 +86,3 @@ class FiLMEnsemble(EnsembleMethod):
 
     def forward(self, x: Inputs) -> Tensor:
         return self.head(self.backbone(repeat_members(x, self.num_members)))
-
-    def identity(self) -> dict[str, Any]:
-        return {**super().identity(), "backbone": self.backbone_name}

@@ -3,24 +3,21 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 from torch import Tensor
 from torch.func import functional_call
 
-from lorae.backbones import create_backbone
 from lorae.backbones.base import Inputs, Pretrained
 from lorae.errors import ConfigError
 from lorae.heads import HeadKind, make_head
 from lorae.lora import (
-    ATTENTION,
     BackboneTraining,
     LoRAEnsembleFusedLinear,
     LoRAEnsembleLinear,
-    LoRAInit,
-    Projection,
+    LoRASpec,
     attention_parts,
     inject_lora,
     lora_layers,
@@ -28,10 +25,15 @@ from lorae.lora import (
 )
 from lorae.lora.chunks import MemberChunkSize, check_chunk_size, member_chunks, member_factors
 from lorae.lora.trunk import SharedTrunk, first_block
-from lorae.methods.base import EnsembleMethod, repeat_members
+from lorae.methods.base import BackboneMethod, EnsembleMethod, repeat_members
+from lorae.methods.registry import register_method
+
+#: The paper's LoRA settings for ViT (rank 8 on q, k, v, o, Xavier-uniform gain 10).
+DEFAULT_LORA = LoRASpec()
 
 
-class LoRAEnsemble(EnsembleMethod):
+@register_method("lora_ensemble")
+class LoRAEnsemble(BackboneMethod):
     """Implicit ensemble: member i uses ``W + (alpha/R) B_i A_i`` on every adapted projection
     (paper Eq. 3) and its own classifier head; the pretrained weights are frozen and shared.
 
@@ -47,29 +49,23 @@ class LoRAEnsemble(EnsembleMethod):
     the trunk's dropout masks are then shared by the members); ``compile`` compiles the
     backbone network with ``torch.compile`` (parameter names and checkpoints unchanged).
 
-    ``last_blocks: 0`` is the head-only ensemble of the paper's Tab. 13 comparison ("trainable
+    ``lora.last_blocks: 0`` is the head-only ensemble of the paper's Tab. 13 comparison ("trainable
     ensemble head", our reading): no adapters at all, the backbone runs once on the B samples
     and the M per-member heads are the only member-specific (trainable) part.
 
-    The variants the paper studies are options, not classes: ``targets`` with ``mlp`` (LoRA
-    on the MLP too), ``last_blocks`` (LoRA only in the last k blocks), ``train_backbone``
-    (``"embedding"``: trainable patch embedding / "tokenizer"; ``"all"``: fully trainable
-    backbone, appendix F), ``head`` (per-member versus shared head, Tab. 13) and ``init``
-    (Xavier-uniform with gain g or Gaussian with std s, appendix N, Tab. 18).
+    The variants the paper studies are options, not classes: ``lora.targets`` with ``mlp``
+    (LoRA on the MLP too), ``lora.last_blocks`` (LoRA only in the last k blocks),
+    ``train_backbone`` (``"embedding"``: trainable patch embedding / "tokenizer"; ``"all"``:
+    fully trainable backbone, appendix F), ``head`` (per-member versus shared head, Tab. 13)
+    and ``lora.init`` (Xavier-uniform with gain g or Gaussian with std s, appendix N, Tab. 18).
 
     Args:
         num_classes: C (linked from the data module by the CLI).
         backbone: a registered backbone name (:func:`lorae.backbones.known_backbones`).
         num_members: ensemble size M (paper: 16 for CIFAR/HAM10000, 8 for SST-2).
-        rank: LoRA rank R (paper: 8 for ViT, 64 for BERT).
-        alpha: LoRA scale numerator; ``None`` is ``alpha = rank`` (scale 1, as the paper).
-        targets: projections that get LoRA: ``q``, ``k``, ``v``, ``o`` (default) and ``mlp``.
-        last_blocks: adapt only the last k transformer blocks (``None``: all; ``0``: none,
-            the head-only ensemble, which needs ``head: member``).
-        init: ``A`` init, ``"xavier_uniform"`` (gain ``init_gain``, paper default 10) or
-            ``"normal"`` (std ``init_std``) (paper appendix N).
-        init_gain: Xavier-uniform gain.
-        init_std: Gaussian standard deviation.
+        lora: rank, scale, targets, last blocks and init (:class:`~lorae.lora.LoRASpec`;
+            paper: rank 8 for ViT, 64 for BERT). ``last_blocks: 0`` (no adapters, the
+            head-only ensemble) needs ``head: member``.
         train_backbone: pretrained weights that train too, shared by all members.
         head: ``"member"`` (one head per member, default) or ``"shared"``.
         pretrained: ``True`` (download), ``False`` (random) or a local weights path.
@@ -89,13 +85,7 @@ class LoRAEnsemble(EnsembleMethod):
         num_classes: int,
         backbone: str,
         num_members: int = 16,
-        rank: int = 8,
-        alpha: float | None = None,
-        targets: Sequence[Projection] = ATTENTION,
-        last_blocks: int | None = None,
-        init: LoRAInit = "xavier_uniform",
-        init_gain: float = 10.0,
-        init_std: float = 0.02,
+        lora: LoRASpec = DEFAULT_LORA,
         train_backbone: BackboneTraining = "none",
         head: HeadKind = "member",
         pretrained: Pretrained = True,
@@ -103,38 +93,24 @@ class LoRAEnsemble(EnsembleMethod):
         member_chunk_size: MemberChunkSize = "auto",
         compile: bool = False,
     ) -> None:
-        super().__init__()
         check_chunk_size(member_chunk_size)
-        if last_blocks is not None and last_blocks < 0:
-            raise ConfigError(f"last_blocks must be >= 0 or null, got {last_blocks}.")
+        last_blocks = lora.last_blocks
         if last_blocks == 0 and head == "shared":
             raise ConfigError(
-                "last_blocks: 0 (no adapters) with head: shared would make all members the "
-                "same network; use head: member (the head-only ensemble) or last_blocks >= 1."
+                "lora.last_blocks: 0 (no adapters) with head: shared would make all members "
+                "the same network; use head: member (the head-only ensemble) or "
+                "lora.last_blocks >= 1."
             )
-        self.num_classes = num_classes
-        self.num_members = num_members
-        self.rank = rank
+        super().__init__(num_classes, backbone, num_members, pretrained, backbone_overrides)
+        self.lora = lora
+        self.rank = lora.rank
         self.member_chunk_size = member_chunk_size
-        self.backbone_name = backbone
-        self.backbone = create_backbone(backbone, pretrained, backbone_overrides)
         model, family = self.backbone.model, self.backbone.family
         if last_blocks == 0:
             model.requires_grad_(False)
             self.lora_modules: list[str] = []
         else:
-            self.lora_modules = inject_lora(
-                model,
-                family,
-                num_members=num_members,
-                rank=rank,
-                targets=tuple(targets),
-                last_blocks=last_blocks,
-                alpha=alpha,
-                init=init,
-                init_gain=init_gain,
-                init_std=init_std,
-            )
+            self.lora_modules = inject_lora(model, family, lora, num_members)
         # By name relative to self.backbone, for functional_call with a chunk's factors.
         self._layers = {f"model.{n}": layer for n, layer in lora_layers(model).items()}
         # The trunk is shared only when LoRA is restricted to the last blocks: with LoRA
@@ -214,7 +190,7 @@ class LoRAEnsemble(EnsembleMethod):
         return weights
 
     def identity(self) -> dict[str, Any]:
-        return {**super().identity(), "backbone": self.backbone_name, "rank": self.rank}
+        return {**super().identity(), "rank": self.rank}
 
 
 def _batch_size(x: Inputs) -> int:
@@ -227,10 +203,47 @@ def _device(x: Inputs) -> torch.device:
 
 
 class LoRANetworkMethod(EnsembleMethod):
-    """Base of methods whose members all derive from one one-member LoRA network,
-    ``self.network`` (Snapshot Ensemble, Bayes-LoRA): they share its identity."""
+    """Base of methods whose M members all derive from one LoRA network (Snapshot Ensemble,
+    Bayes-LoRA): it owns their prologue, building ``self.network``, a one-member
+    :class:`LoRAEnsemble` with the given LoRA options, and shares its identity (backbone,
+    rank).
+
+    Args:
+        num_classes: C (linked from the data module by the CLI).
+        backbone: a registered backbone name.
+        num_members: M, the members evaluated (snapshots, posterior samples).
+        lora: the network's LoRA options (:class:`~lorae.lora.LoRASpec`).
+        pretrained: ``True`` (download), ``False`` (random) or a local weights path.
+        backbone_overrides: architecture arguments for the backbone constructor.
+
+    Shape:
+        network: inputs ``(B, ...)`` -> logits ``(1, B, C)``
+    """
 
     network: LoRAEnsemble
+
+    def __init__(
+        self,
+        num_classes: int,
+        backbone: str,
+        num_members: int,
+        lora: LoRASpec = DEFAULT_LORA,
+        pretrained: Pretrained = True,
+        backbone_overrides: Mapping[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        if num_members < 1:
+            raise ConfigError(f"num_members must be >= 1, got {num_members}.")
+        self.num_classes = num_classes
+        self.num_members = num_members
+        self.network = LoRAEnsemble(
+            num_classes,
+            backbone,
+            num_members=1,
+            lora=lora,
+            pretrained=pretrained,
+            backbone_overrides=backbone_overrides,
+        )
 
     def identity(self) -> dict[str, Any]:
         network = self.network.identity()

@@ -7,11 +7,11 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from lorae.backbones import create_backbone
 from lorae.backbones.base import Inputs, Pretrained
 from lorae.errors import ConfigError
 from lorae.heads import HeadKind, make_head
-from lorae.methods.base import EnsembleMethod, repeat_members
+from lorae.methods.base import BackboneMethod, repeat_members
+from lorae.methods.registry import register_method
 
 
 def set_dropout(model: nn.Module, p: float) -> int:
@@ -32,7 +32,8 @@ def set_dropout(model: nn.Module, p: float) -> int:
     return count
 
 
-class MCDropout(EnsembleMethod):
+@register_method("mc_dropout")
+class MCDropout(BackboneMethod):
     """A fully fine-tuned network with dropout kept active at evaluation: M stochastic
     forward passes are the members.
 
@@ -69,16 +70,12 @@ class MCDropout(EnsembleMethod):
         pretrained: Pretrained = True,
         backbone_overrides: Mapping[str, Any] | None = None,
     ) -> None:
-        super().__init__()
         if not 0.0 < dropout < 1.0:
             raise ConfigError(
                 f"MC Dropout needs a dropout probability in (0, 1), got {dropout}: with 0 all "
                 "members would be identical."
             )
-        self.num_classes = num_classes
-        self.num_members = num_members
-        self.backbone_name = backbone
-        self.backbone = create_backbone(backbone, pretrained, backbone_overrides)
+        super().__init__(num_classes, backbone, num_members, pretrained, backbone_overrides)
         if set_dropout(self.backbone, dropout) == 0:
             raise ConfigError(
                 f"Backbone {backbone!r} has no dropout layer to keep active, so MC Dropout "
@@ -94,6 +91,3 @@ class MCDropout(EnsembleMethod):
 
     def forward(self, x: Inputs) -> Tensor:
         return self.head(self.backbone(repeat_members(x, self.num_members)))  # (M, B, C)
-
-    def identity(self) -> dict[str, Any]:
-        return {**super().identity(), "backbone": self.backbone_name}

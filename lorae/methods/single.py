@@ -7,13 +7,14 @@ from typing import Any
 
 from torch import Tensor
 
-from lorae.backbones import create_backbone
 from lorae.backbones.base import Inputs, Pretrained
 from lorae.heads import EnsembleHead
-from lorae.methods.base import EnsembleMethod
+from lorae.methods.base import BackboneMethod
+from lorae.methods.registry import register_method
 
 
-class SingleNetwork(EnsembleMethod):
+@register_method("single_network")
+class SingleNetwork(BackboneMethod):
     """Ordinary full fine-tuning of the backbone with one linear head (paper Tab. 1, "Single
     Network"). Returns a one-member ensemble so it is evaluated by the same code as every
     ensemble.
@@ -35,15 +36,8 @@ class SingleNetwork(EnsembleMethod):
         pretrained: Pretrained = True,
         backbone_overrides: Mapping[str, Any] | None = None,
     ) -> None:
-        super().__init__()
-        self.num_classes = num_classes
-        self.num_members = 1
-        self.backbone_name = backbone
-        self.backbone = create_backbone(backbone, pretrained, backbone_overrides)
+        super().__init__(num_classes, backbone, 1, pretrained, backbone_overrides)
         self.head = EnsembleHead(1, self.backbone.feature_dim, num_classes)
 
     def forward(self, x: Inputs) -> Tensor:
         return self.head(self.backbone(x))
-
-    def identity(self) -> dict[str, Any]:
-        return {**super().identity(), "backbone": self.backbone_name}

@@ -6,18 +6,19 @@ the base learning rate and anneal to zero. The burn-in is extended by whole epoc
 the remaining epochs divide evenly. A snapshot of the trainable state is taken at the end of
 the burn-in and at the end of every cycle: M snapshots, the M members at test time.
 
-:class:`SnapshotSchedule` (returned by :meth:`SnapshotEnsemble.callbacks`) owns the schedule:
-at the start of training it replaces the module's learning-rate scheduler by the snapshot
-schedule, and it takes the snapshots after the last optimizer step of each phase (before that
-epoch's validation, so ``ModelCheckpoint`` saves them). The snapshots are buffers of the
-method, so they are part of every checkpoint and ``lorae test --ckpt_path`` evaluates the
-ensemble.
+The method hands this schedule to the module through :meth:`SnapshotEnsemble.lr_schedule`
+(the module's ``lr_decay`` is then unused); the :class:`SnapshotTaker` callback (returned by
+:meth:`SnapshotEnsemble.callbacks`) only takes the snapshots, after the last optimizer step of
+each phase (before that epoch's validation, so ``ModelCheckpoint`` saves them). The snapshots
+are buffers of the method, so they are part of every checkpoint and ``lorae test --ckpt_path``
+evaluates the ensemble; on resume Lightning restores the schedule's position with the
+optimizer state.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import lightning.pytorch as pl
@@ -27,10 +28,11 @@ from torch.func import functional_call
 
 from lorae.backbones.base import Inputs, Pretrained
 from lorae.errors import ConfigError
-from lorae.lora import ATTENTION, LoRAInit, Projection
+from lorae.lora import LoRASpec
 from lorae.methods.base import repeat_members
-from lorae.methods.lora_ensemble import LoRAEnsemble, LoRANetworkMethod
-from lorae.optim import warmup_decay
+from lorae.methods.lora_ensemble import DEFAULT_LORA, LoRANetworkMethod
+from lorae.methods.registry import register_method
+from lorae.optim import LRLambda, TrainingSteps, warmup_decay
 
 
 def snapshot_epochs(max_epochs: int, num_members: int, burn_in_epochs: int) -> list[int]:
@@ -62,7 +64,7 @@ def snapshot_epochs(max_epochs: int, num_members: int, burn_in_epochs: int) -> l
 
 def snapshot_schedule(
     boundaries: Sequence[int], steps_per_epoch: int, warmup_steps: int
-) -> Callable[[int], float]:
+) -> LRLambda:
     """Learning-rate multiplier per optimizer step (for ``LambdaLR``).
 
     Burn-in: linear warm-up and cosine decay to 0 over ``boundaries[0]`` epochs (the module's
@@ -81,8 +83,9 @@ def snapshot_schedule(
     return factor
 
 
-class SnapshotSchedule(pl.Callback):
-    """Replaces the learning-rate schedule and takes the snapshots of a SnapshotEnsemble."""
+class SnapshotTaker(pl.Callback):
+    """Takes the snapshots of a SnapshotEnsemble at the end of the burn-in and of each cycle
+    (the schedule itself comes from :meth:`SnapshotEnsemble.lr_schedule`)."""
 
     def __init__(self, method: SnapshotEnsemble) -> None:
         self.method = method
@@ -91,30 +94,9 @@ class SnapshotSchedule(pl.Callback):
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.fast_dev_run:  # type: ignore[attr-defined]
             return  # one step: nothing to cycle; the members are the current weights
-        if trainer.max_epochs is None or trainer.max_epochs < 1:
-            raise ConfigError("Snapshot Ensemble needs trainer.max_epochs (its cycles are epochs).")
-        if len(trainer.lr_scheduler_configs) != 1:
-            raise ConfigError("Snapshot Ensemble expects exactly one learning-rate scheduler.")
         steps_per_epoch = math.ceil(trainer.num_training_batches / trainer.accumulate_grad_batches)
-        boundaries = snapshot_epochs(
-            trainer.max_epochs, self.method.num_members, self.method.burn_in_epochs
-        )
+        boundaries = self.method.snapshot_epochs(trainer.max_epochs)
         self.snapshot_steps = [epoch * steps_per_epoch for epoch in boundaries]
-        from lorae.module import EnsembleClassifier  # here: lorae.module imports lorae.methods
-
-        warmup = pl_module.warmup_steps if isinstance(pl_module, EnsembleClassifier) else 0
-        config = trainer.lr_scheduler_configs[0]
-        schedule = torch.optim.lr_scheduler.LambdaLR(
-            config.scheduler.optimizer,
-            snapshot_schedule(boundaries, steps_per_epoch, warmup),
-        )
-        if trainer.global_step:  # resumed: continue the schedule where training stopped
-            schedule.last_epoch = trainer.global_step
-            for group, base in zip(schedule.optimizer.param_groups, schedule.base_lrs, strict=True):
-                group["lr"] = base * schedule.lr_lambdas[0](trainer.global_step)
-        config.scheduler = schedule
-        config.interval = "step"
-        config.frequency = 1
 
     def on_train_batch_end(
         self,
@@ -129,6 +111,7 @@ class SnapshotSchedule(pl.Callback):
             self.method.take_snapshot()
 
 
+@register_method("snapshot_ensemble")
 class SnapshotEnsemble(LoRANetworkMethod):
     """Members are snapshots of one LoRA network (a one-member :class:`LoRAEnsemble`) taken
     along a cyclic learning-rate schedule (module docstring).
@@ -143,8 +126,7 @@ class SnapshotEnsemble(LoRANetworkMethod):
         backbone: a registered backbone name.
         num_members: M, the number of snapshots.
         burn_in_epochs: minimal burn-in; extended until the remaining epochs divide evenly.
-        rank, alpha, targets, init, init_gain, init_std: the LoRA network's options
-            (:class:`LoRAEnsemble`).
+        lora: the LoRA network's options (:class:`~lorae.lora.LoRASpec`).
         pretrained: ``True`` (download), ``False`` (random) or a local weights path.
         backbone_overrides: architecture arguments for the backbone constructor.
 
@@ -160,32 +142,14 @@ class SnapshotEnsemble(LoRANetworkMethod):
         backbone: str,
         num_members: int = 16,
         burn_in_epochs: int = 1,
-        rank: int = 8,
-        alpha: float | None = None,
-        targets: Sequence[Projection] = ATTENTION,
-        init: LoRAInit = "xavier_uniform",
-        init_gain: float = 10.0,
-        init_std: float = 0.02,
+        lora: LoRASpec = DEFAULT_LORA,
         pretrained: Pretrained = True,
         backbone_overrides: Mapping[str, Any] | None = None,
     ) -> None:
-        super().__init__()
-        self.num_classes = num_classes
-        self.num_members = num_members
+        if burn_in_epochs < 1:
+            raise ConfigError(f"burn_in_epochs must be >= 1, got {burn_in_epochs}.")
+        super().__init__(num_classes, backbone, num_members, lora, pretrained, backbone_overrides)
         self.burn_in_epochs = burn_in_epochs
-        self.network = LoRAEnsemble(
-            num_classes,
-            backbone,
-            num_members=1,
-            rank=rank,
-            alpha=alpha,
-            targets=targets,
-            init=init,
-            init_gain=init_gain,
-            init_std=init_std,
-            pretrained=pretrained,
-            backbone_overrides=backbone_overrides,
-        )
         self.snapshots = nn.Module()
         for name, param in self._trainable().items():
             shape = (num_members, *param.shape[1:])
@@ -197,7 +161,26 @@ class SnapshotEnsemble(LoRANetworkMethod):
         return {n: p for n, p in self.network.named_parameters() if p.requires_grad}
 
     def callbacks(self) -> list[pl.Callback]:
-        return [SnapshotSchedule(self)]
+        return [SnapshotTaker(self)]
+
+    def snapshot_epochs(self, max_epochs: int | None) -> list[int]:
+        """Epochs after which snapshots are taken (:func:`snapshot_epochs`) for a trainer
+        with ``max_epochs``.
+
+        Raises:
+            ConfigError: no epoch budget, or too few epochs for the members.
+        """
+        if max_epochs is None or max_epochs < 1:
+            raise ConfigError("Snapshot Ensemble needs trainer.max_epochs (its cycles are epochs).")
+        return snapshot_epochs(max_epochs, self.num_members, self.burn_in_epochs)
+
+    def lr_schedule(self, steps: TrainingSteps) -> LRLambda | None:
+        """The cyclic schedule of appendix U (:func:`snapshot_schedule`), from the module's
+        warm-up; ``fast_dev_run`` (one step, nothing to cycle) keeps the module's own."""
+        if steps.fast_dev_run:
+            return None
+        boundaries = self.snapshot_epochs(steps.max_epochs)
+        return snapshot_schedule(boundaries, steps.steps_per_epoch, steps.warmup_steps)
 
     @torch.no_grad()
     def take_snapshot(self) -> None:

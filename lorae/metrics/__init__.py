@@ -1,4 +1,5 @@
-"""Ensemble metrics: functional helpers and torchmetrics classes."""
+"""Every metric of lorae: functional helpers and torchmetrics classes over member logits
+``(M, B, C)``. A leaf package: it imports nothing of lorae but :mod:`lorae.errors`."""
 
 from __future__ import annotations
 
@@ -8,6 +9,14 @@ from lorae.metrics.classification import (
     MemberAccuracy,
     NegativeLogLikelihood,
 )
+from lorae.metrics.diversity import (
+    DiversityMetrics,
+    disagreement_matrix,
+    jensen_shannon_matrix,
+    pairwise_disagreement,
+    pairwise_jensen_shannon,
+)
+from lorae.metrics.ensemble_size import EnsembleSizeCurve, first_k_log_probs
 from lorae.metrics.functional import (
     brier_score,
     expected_calibration_error,
@@ -20,20 +29,29 @@ from lorae.metrics.functional import (
     predictive_probs,
 )
 from lorae.metrics.ood import OODMetrics, ood_scores
+from lorae.metrics.reliability import ReliabilityBins
 
 __all__ = [
     "BrierScore",
+    "DiversityMetrics",
     "EnsembleMetrics",
+    "EnsembleSizeCurve",
     "MemberAccuracy",
     "NegativeLogLikelihood",
     "OODMetrics",
+    "ReliabilityBins",
     "brier_score",
+    "disagreement_matrix",
     "expected_calibration_error",
     "expected_member_entropy",
+    "first_k_log_probs",
+    "jensen_shannon_matrix",
     "member_cross_entropy",
     "mutual_information",
     "negative_log_likelihood",
     "ood_scores",
+    "pairwise_disagreement",
+    "pairwise_jensen_shannon",
     "predictive_entropy",
     "predictive_log_probs",
     "predictive_probs",

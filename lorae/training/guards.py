@@ -127,6 +127,7 @@ def out_of_memory_message(error: BaseException) -> str:
         "a smaller --data.init_args.batch_size and --data.init_args.eval_batch_size (for "
         "example half), fewer members (--model.method.init_args.num_members), "
         "--trainer.precision=bf16-mixed (16-bit activations), or fewer adapted "
-        "projections (--model.method.init_args.targets / last_blocks). With several GPUs, "
-        "--trainer.strategy=ddp --trainer.devices=N splits each batch across them."
+        "projections (--model.method.init_args.lora.targets / lora.last_blocks). With "
+        "several GPUs, --trainer.strategy=ddp --trainer.devices=N splits each batch across "
+        "them."
     )

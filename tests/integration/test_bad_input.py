@@ -7,7 +7,6 @@ stderr: ``lorae: error:`` with what is wrong and how to fix it, and no traceback
 from __future__ import annotations
 
 import math
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -27,11 +26,6 @@ from tests.integration.tiny_configs import (
 )
 
 FAST = ["--trainer.fast_dev_run=true"]
-
-
-@pytest.fixture(autouse=True)
-def _plain_argv(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(sys, "argv", ["lorae"])
 
 
 def user_error(args: list[str], capsys: pytest.CaptureFixture[str]) -> str:
@@ -225,7 +219,7 @@ def test_unknown_backbone_lists_the_known_ones(
 @pytest.mark.parametrize(
     ("option", "value", "line"),
     [
-        ("rank", "4", "rank: checkpoint 2, config 4"),
+        ("lora.rank", "4", "rank: checkpoint 2, config 4"),
         ("backbone", "vit_small_patch16_224", "backbone: checkpoint 'vit_tiny_patch16_224'"),
     ],
 )

@@ -45,12 +45,6 @@ SUBCOMMANDS = ("fit", "validate", "test", "predict")
 FAST = ["--trainer.fast_dev_run=true"]
 
 
-@pytest.fixture(autouse=True)
-def _plain_argv(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Hide pytest's own arguments from LightningCLI (it warns when both are present)."""
-    monkeypatch.setattr(sys, "argv", ["lorae"])
-
-
 # ---------------------------------------------------------------------------------- helpers
 
 

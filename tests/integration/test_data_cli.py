@@ -10,7 +10,6 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -19,10 +18,8 @@ import torch
 import yaml
 from sklearn.metrics import average_precision_score, roc_auc_score
 
-from lorae.cli import LoraeCLI, main
-from lorae.data.base import ClassificationDataModule
+from lorae.cli import LoraeCLI, build_cli, main
 from lorae.errors import ConfigError
-from lorae.module import EnsembleClassifier
 from tests.fixtures.builders import (
     write_cifar,
     write_cifar_c,
@@ -36,11 +33,6 @@ TINY_VIT = {"img_size": 16, "patch_size": 8, "embed_dim": 16, "depth": 2, "num_h
 SMALL_IMAGES = {"image_size": 16, "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5]}
 
 
-@pytest.fixture(autouse=True)
-def _plain_argv(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(sys, "argv", ["lorae"])
-
-
 def _image_config(data: dict[str, Any], tmp_path: Path, num_members: int = 2) -> Path:
     config = {
         "seed_everything": 0,
@@ -52,14 +44,7 @@ def _image_config(data: dict[str, Any], tmp_path: Path, num_members: int = 2) ->
 
 
 def _cli(config: Path) -> LoraeCLI:
-    return LoraeCLI(
-        EnsembleClassifier,
-        ClassificationDataModule,
-        subclass_mode_data=True,
-        args=["--config", str(config)],
-        auto_configure_optimizers=False,
-        run=False,
-    )
+    return build_cli(["--config", str(config)], run=False)
 
 
 def test_cifar_test_with_ood_and_shift_sets(tmp_path: Path) -> None:

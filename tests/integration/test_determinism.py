@@ -3,20 +3,13 @@ another seed gives other members (and the members of one run differ from each ot
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
-import pytest
 import torch
 from torch import Tensor
 
 from lorae.cli import main
 from tests.integration.tiny_configs import checkpoint_callback, digits_lora_config, write_config
-
-
-@pytest.fixture(autouse=True)
-def _plain_argv(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(sys, "argv", ["lorae"])
 
 
 def trained_weights(tmp_path: Path, seed: int, name: str) -> dict[str, Tensor]:

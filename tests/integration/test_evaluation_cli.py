@@ -19,12 +19,12 @@ from sklearn.metrics import average_precision_score, roc_auc_score
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch.utils.data import Dataset, TensorDataset
 
-from lorae.analysis.collect import collect_member_logits
 from lorae.cli import main
+from lorae.cli.analyze import _build
 from lorae.data import DigitsDataModule
 from lorae.data.base import EvaluationSet
+from lorae.evaluation.collect import collect_member_logits
 from lorae.metrics.functional import predictive_probs
-from lorae.tools.analyze import _build
 from tests.integration.tiny_configs import (
     checkpoint_callback,
     digits_lora_config,
@@ -51,11 +51,6 @@ class DigitsWithEvaluationSets(DigitsDataModule):
             EvaluationSet("noise", "ood", ood),
             EvaluationSet("gaussian/2", "shift", TensorDataset(shifted, labels)),
         ]
-
-
-@pytest.fixture(autouse=True)
-def _plain_argv(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(sys, "argv", ["lorae"])
 
 
 def _config(tmp_path: Path, num_members: int = 3, seed: int = 0) -> Path:
@@ -347,7 +342,7 @@ def test_aggregate_mean_and_std_over_seeds(
 def test_plots_without_matplotlib_is_a_clear_error(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    monkeypatch.setattr("lorae.analysis.plots.matplotlib_available", lambda: False)
+    monkeypatch.setattr("lorae.evaluation.figures.matplotlib_available", lambda: False)
     cfg = write_config(tmp_path / "c.yaml", digits_lora_config(2))
     with pytest.raises(SystemExit) as exit_info:
         main(["test", "--config", str(cfg), "--trainer.fast_dev_run=true",

@@ -10,7 +10,6 @@ import inspect
 import json
 import shutil
 import statistics
-import sys
 import tarfile
 from pathlib import Path
 from typing import Any
@@ -40,11 +39,6 @@ from tests.fixtures.models import TINY_BACKBONES
 
 REPO = Path(__file__).resolve().parents[2]
 TINY_VIT = {"img_size": 16, "patch_size": 8, "embed_dim": 16, "depth": 2, "num_heads": 2}
-
-
-@pytest.fixture(autouse=True)
-def _plain_argv(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(sys, "argv", ["lorae"])
 
 
 @pytest.fixture(scope="module")

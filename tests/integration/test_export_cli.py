@@ -9,7 +9,6 @@ adapter-only run produces must equal the full run bit for bit.
 from __future__ import annotations
 
 import json
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,9 +17,11 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from lorae.adapters import ADAPTERS_KEY, build_from_export, read_export
 from lorae.backbones import create_backbone
+from lorae.checkpoints.adapters import ADAPTERS_KEY
+from lorae.checkpoints.export import build_from_export, read_export
 from lorae.cli import main
+from lorae.lora import LoRASpec
 from lorae.methods import LoRAEnsemble
 from tests.integration.test_cli import read_metrics
 from tests.integration.tiny_configs import (
@@ -32,11 +33,6 @@ from tests.integration.tiny_configs import (
 )
 
 NAME = "vit_tiny_patch16_224"
-
-
-@pytest.fixture(autouse=True)
-def _plain_argv(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(sys, "argv", ["lorae"])
 
 
 def _weights(path: Path, seed: int) -> str:
@@ -167,8 +163,7 @@ def test_export_then_build_gives_identical_logits(
         DIGITS_NUM_CLASSES,
         NAME,
         num_members=2,
-        rank=2,
-        init_gain=1.0,
+        lora=LoRASpec(rank=2, gain=1.0),
         pretrained=runs.weights,
         backbone_overrides=TIMM_DIGITS_OVERRIDES,
     )

@@ -6,14 +6,13 @@ agreeing with float32 within a stated tolerance. (The layer-level bf16 test is i
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
-import pytest
 import torch
 from torch import nn
 
 from lorae.cli import main
+from lorae.lora import LoRASpec
 from lorae.methods import LoRAEnsemble
 from tests.integration.test_cli import check_test_metrics, only_file, read_metrics
 from tests.integration.tiny_configs import (
@@ -33,11 +32,6 @@ from tests.integration.tiny_configs import (
 #: far more (checked below).
 BF16_UNIT_ROUNDOFF = 2.0**-8
 LOGIT_TOLERANCE = 8 * BF16_UNIT_ROUNDOFF
-
-
-@pytest.fixture(autouse=True)
-def _plain_argv(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(sys, "argv", ["lorae"])
 
 
 def test_fit_and_test_in_bf16_mixed_give_finite_metrics(tmp_path: Path) -> None:
@@ -87,7 +81,7 @@ def _tiny_lora_ensemble() -> LoRAEnsemble:
         10,
         "vit_tiny_patch16_224",
         num_members=4,
-        rank=2,
+        lora=LoRASpec(rank=2),
         pretrained=False,
         backbone_overrides=TIMM_DIGITS_OVERRIDES,
     )

@@ -30,11 +30,6 @@ MAX_STEPS = 50
 EVERY = 5  # checkpoint period of the interrupted runs: saves at 5, 10, ..., 45, 50
 
 
-@pytest.fixture(autouse=True)
-def _plain_argv(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(sys, "argv", ["lorae"])
-
-
 def resume_config(
     ckpt_dir: Path,
     every_n_steps: int,
@@ -197,8 +192,7 @@ def snapshot_config(ckpt_dir: Path, fault: dict[str, Any] | None) -> dict[str, A
             "backbone_overrides": lora["backbone_overrides"],
             "num_members": 3,
             "burn_in_epochs": 1,
-            "rank": 2,
-            "init_gain": 1.0,
+            "lora": {"rank": 2, "gain": 1.0},
         },
     }
     config["trainer"].update({"max_steps": -1, "max_epochs": 3, "limit_train_batches": 20})

@@ -101,8 +101,7 @@ def _lora(backbone: str, overrides: dict[str, Any], num_members: int) -> dict[st
             "pretrained": False,
             "backbone_overrides": dict(overrides),
             "num_members": num_members,
-            "rank": 2,
-            "init_gain": 1.0,
+            "lora": {"rank": 2, "gain": 1.0},
         },
     }
 
@@ -146,10 +145,11 @@ def digits_single_config(seed: int = 0) -> dict[str, Any]:
 def digits_method_config(
     class_name: str, init_args: dict[str, Any], seed: int = 0
 ) -> dict[str, Any]:
-    """Any ``lorae.methods`` class on a tiny timm ViT and the digits; ``init_args`` are the
-    method's own options (backbone, ``pretrained: false`` and the tiny overrides are added)."""
+    """Any ``lorae.methods`` class (its name, or a full ``class_path``) on a tiny timm ViT and
+    the digits; ``init_args`` are the method's own options (backbone, ``pretrained: false`` and
+    the tiny overrides are added)."""
     method = {
-        "class_path": f"lorae.methods.{class_name}",
+        "class_path": class_name if "." in class_name else f"lorae.methods.{class_name}",
         "init_args": {
             "backbone": "vit_tiny_patch16_224",
             "pretrained": False,

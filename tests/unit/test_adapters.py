@@ -14,20 +14,23 @@ import torch
 from safetensors.torch import save_file
 from torch import Tensor
 
-from lorae import adapters
-from lorae.adapters import (
+from lorae.backbones import create_backbone
+from lorae.checkpoints import export
+from lorae.checkpoints.adapters import (
     ADAPTERS_KEY,
-    OutputExistsError,
     adapter_state_dict,
-    build_from_export,
-    export_checkpoint,
     frozen_fingerprint,
     frozen_state_dict,
+)
+from lorae.checkpoints.export import (
+    OutputExistsError,
+    build_from_export,
+    export_checkpoint,
     load_adapters,
     read_export,
 )
-from lorae.backbones import create_backbone
 from lorae.errors import CheckpointMismatchError, CheckpointReadError, DataNotFoundError
+from lorae.lora import LoRASpec
 from lorae.methods import BayesLoRA, EnsembleMethod, LoRAEnsemble, SnapshotEnsemble
 from lorae.module import EnsembleClassifier
 from tests.fixtures.models import TINY_BACKBONES, tiny_inputs
@@ -50,13 +53,20 @@ def weights(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     return paths
 
 
+TINY_LORA = LoRASpec(rank=2)
+
+
 def _factory(kind: str, pretrained: Any, **options: Any) -> Callable[[int], EnsembleMethod]:
     common = {"backbone": NAME, "pretrained": pretrained, "backbone_overrides": OVERRIDES}
     if kind == "lora":
-        return functools.partial(LoRAEnsemble, num_members=3, rank=2, **common, **options)
+        return functools.partial(LoRAEnsemble, num_members=3, lora=TINY_LORA, **common, **options)
     if kind == "snapshot":
-        return functools.partial(SnapshotEnsemble, num_members=3, rank=2, **common, **options)
-    return functools.partial(BayesLoRA, num_samples=3, rank=2, fit_batches=1, **common, **options)
+        return functools.partial(
+            SnapshotEnsemble, num_members=3, lora=TINY_LORA, **common, **options
+        )
+    return functools.partial(
+        BayesLoRA, num_members=3, lora=TINY_LORA, fit_batches=1, **common, **options
+    )
 
 
 def _trained(kind: str, pretrained: Any, seed: int = 0, **options: Any) -> EnsembleClassifier:
@@ -161,7 +171,7 @@ def test_adapter_checkpoint_on_other_weights_names_pretrained(weights: dict[str,
         other.on_load_checkpoint(checkpoint)
     message = str(error.value)
     assert "different pretrained weights" in message
-    assert "model.method.init_args.pretrained" in message and weights["a"] in message
+    assert "the method's `pretrained`" in message and weights["a"] in message
 
 
 def _save_checkpoint(module: EnsembleClassifier, path: Path, contents: str) -> Path:
@@ -217,7 +227,7 @@ def test_load_adapters_refuses_other_weights_and_other_settings(
     with pytest.raises(CheckpointMismatchError, match="different pretrained weights"):
         load_adapters(_trained("lora", weights["b"]).method, out)
     wrong_size = LoRAEnsemble(
-        C, NAME, num_members=2, rank=2, pretrained=weights["a"], backbone_overrides=OVERRIDES
+        C, NAME, 2, TINY_LORA, pretrained=weights["a"], backbone_overrides=OVERRIDES
     )
     with pytest.raises(CheckpointMismatchError, match="num_members: checkpoint 3, config 2"):
         load_adapters(wrong_size, out)
@@ -239,14 +249,14 @@ def test_export_refuses_to_overwrite_and_writes_atomically(
         Path(args[1]).write_bytes(b"half")
         raise OSError("disk full")
 
-    monkeypatch.setattr(adapters, "save_file", broken)
+    monkeypatch.setattr(export, "save_file", broken)
     with pytest.raises(OSError, match="disk full"):
         export_checkpoint(ckpt, out, force=True)
     assert out.read_bytes() == b"keep me"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c.ckpt", "x.safetensors"]
     monkeypatch.undo()
     export_checkpoint(ckpt, out, force=True)
-    assert read_export(out)[1]["format"] == adapters.EXPORT_FORMAT
+    assert read_export(out)[1]["format"] == export.EXPORT_FORMAT
 
 
 def test_export_and_read_errors(tmp_path: Path) -> None:

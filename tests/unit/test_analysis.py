@@ -4,6 +4,7 @@ each against an independent numpy / scipy / scikit-learn computation on small te
 from __future__ import annotations
 
 import itertools
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,18 +13,11 @@ from scipy.spatial.distance import jensenshannon
 from scipy.special import softmax
 from torch import nn
 
-from lorae.analysis import (
-    DiversityMetrics,
-    EnsembleSizeCurve,
-    analyse_projection,
-    disagreement_matrix,
-    diversity_score,
-    first_k_log_probs,
-    jensen_shannon_matrix,
-    parameter_counts,
-    tsne_embedding,
-)
-from lorae.analysis.cost import ComputeCostMonitor
+from lorae.analysis import analyse_projection, diversity_score
+from lorae.analysis.embedding import tsne_embedding
+from lorae.evaluation.cost import ComputeCostMeter, parameter_counts
+from lorae.metrics.diversity import DiversityMetrics, disagreement_matrix, jensen_shannon_matrix
+from lorae.metrics.ensemble_size import EnsembleSizeCurve, first_k_log_probs
 from lorae.metrics.functional import (
     expected_calibration_error,
     mutual_information,
@@ -186,26 +180,45 @@ def test_parameter_counts() -> None:
 
 
 def test_cost_report_without_measurements() -> None:
-    report = ComputeCostMonitor().report(nn.Linear(2, 2), 1, None)
+    report = ComputeCostMeter().report(nn.Linear(2, 2), 1, None)
     assert report["train_seconds_per_epoch"] is None
     assert report["inference_seconds_per_sample"] is None
     assert report["checkpoint_bytes"] is None
     assert report["parameters"]["total"] == 6
 
 
+def test_cost_meter_times_batches_after_the_first(tmp_path: Path) -> None:
+    meter = ComputeCostMeter()
+    meter.start_epoch()
+    meter.end_epoch()
+    meter.start_test()
+    for samples in (4, 3, 5):  # the first batch is warm-up
+        meter.start_batch(torch.device("cpu"))
+        meter.end_batch(torch.device("cpu"), samples)
+    checkpoint = tmp_path / "c.ckpt"
+    checkpoint.write_bytes(b"x" * 10)
+    report = meter.report(nn.Linear(2, 2), 2, str(checkpoint))
+    assert report["inference_samples_timed"] == 8 and report["train_epochs_timed"] == 1
+    assert report["checkpoint_bytes"] == 10
+    assert report["parameters"]["trainable_per_member"] == 3.0
+    meter.start_test()  # a second test forgets the first one's batches
+    assert meter.report(nn.Linear(2, 2), 1, None)["inference_samples_timed"] == 0
+
+
 @pytest.mark.parametrize("kind", ["lora", "explicit", "batch_ensemble", "batch_ensemble_pp"])
 def test_weight_space_analysis_reads_every_method_with_member_weights(kind: str) -> None:
     """`lorae analyze` works on any method's member_weights(), not only LoRA-Ensemble's: every
     block and projection is reported and the update spectra equal numpy's SVD of W_i - W_0."""
+    from lorae.cli.analyze import analyze_weights
+    from lorae.lora import LoRASpec
     from lorae.methods import BatchEnsemble, ExplicitEnsemble, LoRAEnsemble
-    from lorae.tools.analyze import analyze_weights
     from tests.fixtures.models import TINY_BACKBONES
 
     name, overrides = TINY_BACKBONES["timm_vit"]
     common: dict[str, object] = {"pretrained": False, "backbone_overrides": overrides}
     torch.manual_seed(0)
     model = {
-        "lora": lambda: LoRAEnsemble(4, name, num_members=3, rank=2, **common),
+        "lora": lambda: LoRAEnsemble(4, name, num_members=3, lora=LoRASpec(rank=2), **common),
         "explicit": lambda: ExplicitEnsemble(4, name, num_members=3, noise_alpha=0.1, **common),
         "batch_ensemble": lambda: BatchEnsemble(4, name, num_members=3, **common),
         "batch_ensemble_pp": lambda: BatchEnsemble(

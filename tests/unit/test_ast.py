@@ -8,7 +8,7 @@ import torch
 
 from lorae.backbones import create_backbone
 from lorae.backbones.ast import adapt_positional_embedding, spectrogram_grid
-from lorae.lora import inject_lora
+from lorae.lora import LoRASpec, inject_lora
 
 # A tiny distilled DeiT "pretrained" on 64x64 images: a 4x4 grid of 16x16 patches.
 SOURCE = {
@@ -98,7 +98,7 @@ def test_lora_with_zero_b_leaves_ast_unchanged(source: tuple[str, dict[str, torc
     x = torch.randn(2, 1, 32, 96)
     with torch.no_grad():
         before = backbone(x)
-    adapted = inject_lora(backbone.model, backbone.family, num_members=1, rank=2)
+    adapted = inject_lora(backbone.model, backbone.family, LoRASpec(rank=2), num_members=1)
     assert adapted == [f"blocks.{i}.attn.{p}" for i in range(2) for p in ("qkv", "proj")]
     with torch.no_grad():
         after = backbone(x)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import ast
 from pathlib import Path
+from typing import get_args
 
 import pytest
 import timm
@@ -12,7 +14,9 @@ import transformers
 from safetensors.torch import save_file
 
 from lorae.backbones import create_backbone, known_backbones
+from lorae.backbones.base import BackboneFamily
 from lorae.errors import ConfigError, WeightsNotFoundError
+from lorae.lora.targets import TARGETS
 from tests.fixtures.models import FAMILIES, TINY_BACKBONES, tiny_inputs
 
 
@@ -154,3 +158,40 @@ def test_wrong_input_kind_is_a_clear_error() -> None:
     bert_name, bert_overrides = TINY_BACKBONES["hf_bert"]
     with pytest.raises(ConfigError, match="takes token tensors"):
         create_backbone(bert_name, False, bert_overrides)(tiny_inputs("timm_vit", 2))
+
+
+# --------------------------------------------------------------- families and the LoRA table
+
+
+def test_lora_target_table_has_exactly_the_backbone_families() -> None:
+    """The backbone owns its family (the Literal); LoRA's table is keyed by the same names."""
+    assert set(TARGETS) == set(get_args(BackboneFamily))
+    assert set(FAMILIES) == set(get_args(BackboneFamily)), "a tiny backbone per family"
+
+
+def _imports(package: Path) -> dict[str, set[str]]:
+    """``{file: modules it imports}`` for every Python file of ``package``."""
+    found: dict[str, set[str]] = {}
+    for path in sorted(package.rglob("*.py")):
+        names: set[str] = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                names.add(node.module)
+            elif isinstance(node, ast.Import):
+                names.update(alias.name for alias in node.names)
+        found[path.name] = names
+    return found
+
+
+@pytest.mark.parametrize(
+    ("package", "forbidden"),
+    [("backbones", "lorae.lora"), ("lora", "lorae.backbones"), ("methods", "lorae.module")],
+)
+def test_layering(package: str, forbidden: str) -> None:
+    """Downward only: backbones and LoRA know nothing of each other, methods not the module."""
+    root = Path(__file__).resolve().parents[2] / "lorae" / package
+    offending = {
+        file: sorted(n for n in names if n == forbidden or n.startswith(forbidden + "."))
+        for file, names in _imports(root).items()
+    }
+    assert not {f: n for f, n in offending.items() if n}, offending

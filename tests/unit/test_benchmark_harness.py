@@ -21,7 +21,7 @@ from benchmarks import memory
 from benchmarks.report import floor_seconds, ratios, render_markdown, write_markdown
 from benchmarks.speed import main
 from benchmarks.vmap_reference import VmapLoRALinear, use_vmap_reference
-from lorae.lora import LoRAEnsembleFusedLinear, LoRAEnsembleLinear
+from lorae.lora import LoRAEnsembleFusedLinear, LoRAEnsembleLinear, LoRASpec
 from lorae.methods import LoRAEnsemble
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -61,13 +61,16 @@ def _keep_thread_count() -> Iterator[None]:
     torch.set_num_threads(threads)
 
 
+QKV = ("q", "k", "v")
+
+
 def _layers() -> list[LoRAEnsembleLinear]:
     torch.manual_seed(0)
     layers = [
         # alpha = 4 at rank 2: scale 2, so a forgotten scale is caught
-        LoRAEnsembleLinear(nn.Linear(6, 5), num_members=3, rank=2, alpha=4.0),
-        LoRAEnsembleFusedLinear(nn.Linear(6, 9), ("q", "k", "v"), ("q", "v"), 3, 2, alpha=4.0),
-        LoRAEnsembleFusedLinear(nn.Linear(6, 9), ("q", "k", "v"), ("q", "k", "v"), 3, 2),
+        LoRAEnsembleLinear(nn.Linear(6, 5), 3, LoRASpec(rank=2, alpha=4.0)),
+        LoRAEnsembleFusedLinear(nn.Linear(6, 9), QKV, ("q", "v"), 3, LoRASpec(rank=2, alpha=4.0)),
+        LoRAEnsembleFusedLinear(nn.Linear(6, 9), QKV, QKV, 3, LoRASpec(rank=2)),
     ]
     for layer in layers:
         nn.init.normal_(layer.B)  # B = 0 at init would hide a wrong delta
@@ -92,7 +95,7 @@ def test_vmap_reference_layer_equals_lora_layer_and_its_gradients(index: int) ->
 def test_vmap_reference_model_equals_lora_ensemble() -> None:
     torch.manual_seed(0)
     method = LoRAEnsemble(
-        4, "vit_tiny_patch16_224", 3, 2, pretrained=False, backbone_overrides=TINY
+        4, "vit_tiny_patch16_224", 3, LoRASpec(rank=2), pretrained=False, backbone_overrides=TINY
     )
     for name, param in method.named_parameters():
         if name.endswith(".B"):

@@ -9,10 +9,13 @@ import pytest
 import torch
 from torchmetrics.classification import MulticlassCalibrationError
 
-from lorae.analysis import plots
-from lorae.calibration import ReliabilityBins, fit_temperature, reliability_figure
 from lorae.errors import ConfigError
+from lorae.evaluation import figures as plots
+from lorae.evaluation.figures import reliability_figure
+from lorae.evaluation.result import ReliabilityCurve
+from lorae.evaluation.temperature import fit_temperature
 from lorae.metrics.functional import expected_calibration_error, predictive_probs
+from lorae.metrics.reliability import ReliabilityBins
 
 
 def _calibrated_ensemble(m: int, n: int, c: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -107,7 +110,7 @@ def test_reliability_figure_draws_bins(tmp_path: Path) -> None:
     probs, target = _probs(300, 4, seed=1)
     metric = ReliabilityBins(n_bins=10)
     metric.update(probs, target)
-    figure = reliability_figure(metric.compute(), "test")
+    figure = reliability_figure(ReliabilityCurve.from_tensors(metric.compute()), "test")
     top = figure.axes[0]
     assert "ECE" in top.get_title()
     # 10 accuracy bars, then one gap bar per non-empty bin

@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader
 
+from lorae.backbones import backbone_preprocessing
 from lorae.data import (
     ClassificationDataModule,
     DigitsDataModule,
@@ -18,6 +19,7 @@ from lorae.data import (
     seeded_split,
     split_indices,
 )
+from lorae.data.preprocessing import ImagePreprocessing, TextPreprocessing
 from lorae.errors import ConfigError, DataNotFoundError
 from tests.fixtures.builders import (
     GLUE_QUOTE_SENTENCES,
@@ -362,9 +364,26 @@ def test_text_invalid_val_fraction(glue_root: Path, tokenizer_dir: Path) -> None
 
 def test_image_folder_takes_preprocessing_from_the_backbone(tmp_path: Path) -> None:
     root = write_image_folder(tmp_path / "images")
-    timm_module = ImageFolderDataModule(str(root), backbone="vit_base_patch32_224")
+    timm_input = backbone_preprocessing("vit_base_patch32_224")
+    timm_module = ImageFolderDataModule(str(root), preprocessing=timm_input)
     assert (timm_module.image_size, timm_module.mean) == (224, (0.5, 0.5, 0.5))
-    tv_module = ImageFolderDataModule(str(root), backbone="vit_b_32", image_size=32)
+    tv_input = backbone_preprocessing("vit_b_32")
+    tv_module = ImageFolderDataModule(str(root), preprocessing=tv_input, image_size=32)
     assert (tv_module.image_size, tv_module.mean) == (32, (0.485, 0.456, 0.406))
-    with pytest.raises(ConfigError, match="not a known vision backbone"):
-        ImageFolderDataModule(str(root), backbone="bert-base-uncased")
+    default = ImageFolderDataModule(str(root))  # no backbone known: ImageNet's 224 px
+    assert (default.image_size, default.std) == (224, (0.229, 0.224, 0.225))
+    with pytest.raises(ConfigError, match="yields images, but the backbone takes text"):
+        ImageFolderDataModule(str(root), preprocessing=backbone_preprocessing("bert-base-uncased"))
+
+
+def test_backbone_preprocessing_per_family(tmp_path: Path) -> None:
+    """The backbone owns its input format: images get size and normalisation, BERT its
+    tokenizer (a pretrained folder first), the audio backbone and unknown names none."""
+    assert backbone_preprocessing("vit_b_32") == ImagePreprocessing(
+        224, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    )
+    assert backbone_preprocessing("bert-base-uncased") == TextPreprocessing("bert-base-uncased")
+    folder = str(tmp_path / "bert")
+    assert backbone_preprocessing("bert-base-uncased", folder) == TextPreprocessing(folder)
+    assert backbone_preprocessing("ast") is None
+    assert backbone_preprocessing("no-such-backbone") is None

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from lorae.backbones import backbone_preprocessing
 from lorae.data import CIFAR10DataModule, CIFAR100DataModule
 from lorae.data.corruptions import CORRUPTIONS
 from lorae.errors import ConfigError, CorruptSampleError, DataNotFoundError
@@ -52,7 +53,7 @@ def test_splits_labels_and_shapes(root: Path, cls: type, classes: int) -> None:
 
 
 def test_normalisation_follows_the_backbone(root: Path) -> None:
-    data = CIFAR10DataModule(str(root), backbone="vit_b_32")
+    data = CIFAR10DataModule(str(root), preprocessing=backbone_preprocessing("vit_b_32"))
     x, _ = data.test_dataset[0]
     assert x.shape == (3, 224, 224)
     raw = data.test_dataset.dataset[0][0]  # PIL image before the transform

@@ -9,15 +9,16 @@ import torch
 
 from lorae.backbones import create_backbone
 from lorae.errors import ConfigError
-from lorae.lora import LoRAEnsembleLinear, inject_lora, lora_layers
+from lorae.lora import LoRAEnsembleLinear, LoRASpec, inject_lora, lora_layers
 from lorae.methods import LoRAEnsemble, SingleNetwork, repeat_members
 from tests.fixtures.models import FAMILIES, TINY_BACKBONES, tiny_inputs
 
 M, B, C = 3, 4, 5
+SPEC = LoRASpec(rank=2)
 
 
 def _lora_ensemble(
-    family: str, num_members: int = M, seed: int = 0, **kwargs: object
+    family: str, num_members: int = M, seed: int = 0, lora: LoRASpec = SPEC, **kwargs: object
 ) -> LoRAEnsemble:
     name, overrides = TINY_BACKBONES[family]
     torch.manual_seed(seed)
@@ -25,9 +26,9 @@ def _lora_ensemble(
         C,
         name,
         num_members=num_members,
-        rank=2,
         pretrained=False,
         backbone_overrides=overrides,
+        lora=lora,
         **kwargs,  # type: ignore[arg-type]
     ).eval()
 
@@ -46,7 +47,7 @@ def test_zero_b_equals_untouched_backbone(family: str) -> None:
     torch.manual_seed(0)
     backbone = create_backbone(name, False, overrides).eval()
     reference = copy.deepcopy(backbone)
-    wrapped = inject_lora(backbone.model, backbone.family, num_members=M, rank=2)
+    wrapped = inject_lora(backbone.model, backbone.family, SPEC, num_members=M)
     assert wrapped, "something must have been injected"
     x = tiny_inputs(family, B)
     with torch.no_grad():
@@ -127,9 +128,8 @@ def test_only_lora_and_heads_train_and_frozen_weights_stay_bit_identical(family:
 def test_mlp_targets_and_last_blocks(family: str) -> None:
     name, overrides = TINY_BACKBONES[family]
     backbone = create_backbone(name, False, overrides)
-    wrapped = inject_lora(
-        backbone.model, backbone.family, num_members=2, rank=2, targets=("v", "mlp"), last_blocks=1
-    )
+    spec = LoRASpec(rank=2, targets=("v", "mlp"), last_blocks=1)
+    wrapped = inject_lora(backbone.model, backbone.family, spec, num_members=2)
     # Only block 1 of 2; v (fused qkv, or BERT's value) plus the two MLP linears.
     assert len(wrapped) == 3, wrapped
     assert all(("1" in w.split(".")) or w.split(".")[2].endswith("_1") for w in wrapped), wrapped
@@ -137,7 +137,7 @@ def test_mlp_targets_and_last_blocks(family: str) -> None:
 
 
 def test_only_value_target_in_fused_layer_touches_only_value_slice() -> None:
-    model = _lora_ensemble("timm_vit", targets=("v",))
+    model = _lora_ensemble("timm_vit", lora=LoRASpec(rank=2, targets=("v",)))
     layer = lora_layers(model)["backbone.model.blocks.0.attn.qkv"]
     assert layer.B.shape[1] == 1
     _randomise_lora(model)
@@ -175,14 +175,14 @@ def test_invalid_injection_options(kwargs: dict[str, object], match: str) -> Non
         *TINY_BACKBONES["timm_vit"][:1], False, TINY_BACKBONES["timm_vit"][1]
     )
     with pytest.raises(ConfigError, match=match):
-        inject_lora(backbone.model, "timm_vit", num_members=2, rank=2, **kwargs)  # type: ignore[arg-type]
+        inject_lora(backbone.model, "timm_vit", LoRASpec(rank=2, **kwargs), 2)  # type: ignore[arg-type]
 
 
 def test_unknown_family_and_no_targets() -> None:
     with pytest.raises(ConfigError, match="Unknown backbone family"):
-        inject_lora(torch.nn.Linear(2, 2), "resnet", num_members=2, rank=2)
+        inject_lora(torch.nn.Linear(2, 2), "resnet", SPEC, num_members=2)
     with pytest.raises(ConfigError, match="No LoRA target"):
-        inject_lora(torch.nn.Sequential(torch.nn.Linear(2, 2)), "timm_vit", num_members=2, rank=2)
+        inject_lora(torch.nn.Sequential(torch.nn.Linear(2, 2)), "timm_vit", SPEC, num_members=2)
 
 
 def test_state_dict_round_trip() -> None:

@@ -15,7 +15,13 @@ from torch.func import functional_call
 
 from lorae.backbones import create_backbone
 from lorae.errors import ConfigError
-from lorae.lora import LoRAEnsembleFusedLinear, LoRAEnsembleLinear, inject_lora, lora_layers
+from lorae.lora import (
+    LoRAEnsembleFusedLinear,
+    LoRAEnsembleLinear,
+    LoRASpec,
+    inject_lora,
+    lora_layers,
+)
 from lorae.lora import chunks as chunks_module
 from lorae.lora.chunks import auto_chunk_size, member_chunks, member_factors
 from lorae.lora.trunk import transformer_blocks
@@ -27,18 +33,27 @@ M, B, C = 4, 3, 5
 NO_DROPOUT = {"hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}
 
 
+SPEC = LoRASpec(rank=2)
 #: Architecture override of the number of transformer blocks, per family.
 DEPTH = {"timm_vit": "depth", "torchvision_vit": "num_layers", "hf_bert": "num_hidden_layers"}
 
 
-def _model(family: str, seed: int = 0, depth: int = 2, **kwargs: Any) -> LoRAEnsemble:
+def _model(
+    family: str, seed: int = 0, depth: int = 2, last_blocks: int | None = None, **kwargs: Any
+) -> LoRAEnsemble:
     name, overrides = TINY_BACKBONES[family]
     overrides = {**overrides, DEPTH[family]: depth}
     if family == "hf_bert":
         overrides = {**overrides, **NO_DROPOUT}
     torch.manual_seed(seed)
     model = LoRAEnsemble(
-        C, name, num_members=M, rank=2, pretrained=False, backbone_overrides=overrides, **kwargs
+        C,
+        name,
+        num_members=M,
+        lora=LoRASpec(rank=2, last_blocks=last_blocks),
+        pretrained=False,
+        backbone_overrides=overrides,
+        **kwargs,
     )
     generator = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():  # non-zero B: members really differ
@@ -131,7 +146,7 @@ def test_invalid_chunk_size_is_a_config_error(value: object) -> None:
 
 def test_member_factors_run_a_slice_of_the_members() -> None:
     torch.manual_seed(0)
-    model = nn.Sequential(LoRAEnsembleFusedLinear(nn.Linear(8, 24), "qkv", ("q", "v"), M, 2))
+    model = nn.Sequential(LoRAEnsembleFusedLinear(nn.Linear(8, 24), "qkv", ("q", "v"), M, SPEC))
     layer = model[0]
     with torch.no_grad():
         layer.B.normal_()
@@ -153,9 +168,9 @@ def test_in_place_inference_delta_equals_the_autograd_path(
     torch.manual_seed(0)
     base = nn.Linear(8, 24)
     layer = (
-        LoRAEnsembleLinear(base, M, 2)
+        LoRAEnsembleLinear(base, M, SPEC)
         if enabled is None
-        else LoRAEnsembleFusedLinear(base, "qkv", enabled, M, 2)
+        else LoRAEnsembleFusedLinear(base, "qkv", enabled, M, SPEC)
     )
     with torch.no_grad():
         layer.B.normal_()
@@ -260,7 +275,7 @@ def test_head_only_ensemble_rejects_a_shared_head_and_negative_blocks() -> None:
     name, overrides = TINY_BACKBONES["timm_vit"]
     model = create_backbone(name, False, overrides).model
     with pytest.raises(ConfigError, match="last_blocks"):
-        inject_lora(model, "timm_vit", num_members=2, rank=2, last_blocks=0)
+        inject_lora(model, "timm_vit", LoRASpec(rank=2, last_blocks=0), num_members=2)
 
 
 # --- torch.compile and bf16 ----------------------------------------------------------------

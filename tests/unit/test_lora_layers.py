@@ -10,10 +10,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from lorae.errors import ConfigError
-from lorae.lora import LoRAEnsembleFusedLinear, LoRAEnsembleLinear, MultiheadSelfAttention
+from lorae.lora import (
+    LoRAEnsembleFusedLinear,
+    LoRAEnsembleLinear,
+    LoRASpec,
+    MultiheadSelfAttention,
+)
 from lorae.lora.mha import replace_multihead_attention
 
 M, B, T, D_IN, D_OUT, R = 3, 4, 5, 12, 10, 2
+SPEC = LoRASpec(rank=R)
 
 
 def _randomise_b(layer: LoRAEnsembleLinear) -> None:
@@ -23,7 +29,7 @@ def _randomise_b(layer: LoRAEnsembleLinear) -> None:
 
 def test_parameters_shapes_and_frozen_base() -> None:
     base = nn.Linear(D_IN, D_OUT)
-    layer = LoRAEnsembleLinear(base, M, R)
+    layer = LoRAEnsembleLinear(base, M, SPEC)
     assert layer.A.shape == (M, R, D_IN) and layer.B.shape == (M, D_OUT, R)
     assert layer.base is base, "the pretrained layer is kept, not copied"
     assert not base.weight.requires_grad and not base.bias.requires_grad
@@ -35,7 +41,7 @@ def test_parameters_shapes_and_frozen_base() -> None:
 
 def test_zero_b_equals_base() -> None:
     base = nn.Linear(D_IN, D_OUT)
-    layer = LoRAEnsembleLinear(base, M, R)
+    layer = LoRAEnsembleLinear(base, M, SPEC)
     x = torch.randn(M * B, T, D_IN)
     torch.testing.assert_close(layer(x), base(x), rtol=0, atol=0)
 
@@ -43,7 +49,7 @@ def test_zero_b_equals_base() -> None:
 @pytest.mark.parametrize("alpha", [None, 4.0])
 def test_each_member_uses_its_own_adapted_weight(alpha: float | None) -> None:
     base = nn.Linear(D_IN, D_OUT)
-    layer = LoRAEnsembleLinear(base, M, R, alpha=alpha)
+    layer = LoRAEnsembleLinear(base, M, LoRASpec(rank=R, alpha=alpha))
     _randomise_b(layer)
     scale = (R if alpha is None else alpha) / R
     assert layer.scale == scale
@@ -57,7 +63,7 @@ def test_each_member_uses_its_own_adapted_weight(alpha: float | None) -> None:
 
 
 def test_xavier_init_bound_and_independent_members() -> None:
-    layer = LoRAEnsembleLinear(nn.Linear(64, 32), 4, 8, init_gain=10.0)
+    layer = LoRAEnsembleLinear(nn.Linear(64, 32), 4, LoRASpec(rank=8, gain=10.0))
     bound = 10.0 * math.sqrt(6.0 / (64 + 8))
     assert layer.A.abs().max() <= bound
     assert layer.A.abs().max() > 0.5 * bound, "gain 10 must actually be applied"
@@ -68,23 +74,23 @@ def test_xavier_init_bound_and_independent_members() -> None:
 
 def test_normal_init_std() -> None:
     torch.manual_seed(0)
-    layer = LoRAEnsembleLinear(nn.Linear(256, 8), 8, 16, init="normal", init_std=0.05)
+    spec = LoRASpec(rank=16, init="normal", std=0.05)
+    layer = LoRAEnsembleLinear(nn.Linear(256, 8), 8, spec)
     assert abs(layer.A.std().item() - 0.05) < 0.003
     assert abs(layer.A.mean().item()) < 0.003
 
 
 @pytest.mark.parametrize(
-    ("kwargs", "match"),
-    [({"num_members": 0}, "num_members"), ({"rank": 0}, "rank"), ({"init": "kaiming"}, "init")],
+    ("members", "options", "match"),
+    [(0, {}, "num_members"), (2, {"rank": 0}, "rank"), (2, {"init": "kaiming"}, "init")],
 )
-def test_invalid_arguments(kwargs: dict[str, object], match: str) -> None:
-    args: dict[str, object] = {"num_members": 2, "rank": 2, **kwargs}
+def test_invalid_arguments(members: int, options: dict[str, object], match: str) -> None:
     with pytest.raises(ConfigError, match=match):
-        LoRAEnsembleLinear(nn.Linear(4, 4), **args)  # type: ignore[arg-type]
+        LoRAEnsembleLinear(nn.Linear(4, 4), members, LoRASpec(**options))  # type: ignore[arg-type]
 
 
 def test_batch_not_multiple_of_members_is_a_clear_error() -> None:
-    layer = LoRAEnsembleLinear(nn.Linear(D_IN, D_OUT), 3, R)
+    layer = LoRAEnsembleLinear(nn.Linear(D_IN, D_OUT), 3, SPEC)
     with pytest.raises(ValueError, match="multiple of the member count"):
         layer(torch.randn(4, D_IN))
 
@@ -93,7 +99,7 @@ def test_batch_not_multiple_of_members_is_a_clear_error() -> None:
 def test_fused_equals_separate_q_k_v_deltas(enabled: tuple[str, ...]) -> None:
     d = 8
     base = nn.Linear(d, 3 * d)
-    layer = LoRAEnsembleFusedLinear(base, ("q", "k", "v"), enabled, M, R)
+    layer = LoRAEnsembleFusedLinear(base, ("q", "k", "v"), enabled, M, SPEC)
     assert layer.A.shape == (M, len(enabled), R, d) and layer.B.shape == (M, len(enabled), d, R)
     _randomise_b(layer)
     x = torch.randn(M * B, T, d)
@@ -113,12 +119,13 @@ def test_fused_equals_separate_q_k_v_deltas(enabled: tuple[str, ...]) -> None:
 
 def test_fused_rejects_unknown_part() -> None:
     with pytest.raises(ConfigError, match="subset"):
-        LoRAEnsembleFusedLinear(nn.Linear(4, 12), ("q", "k", "v"), ("x",), 2, 2)
+        LoRAEnsembleFusedLinear(nn.Linear(4, 12), ("q", "k", "v"), ("x",), 2, SPEC)
 
 
 def test_bf16_autocast_agrees_with_float32() -> None:
     torch.manual_seed(0)
-    layer = LoRAEnsembleFusedLinear(nn.Linear(32, 96), ("q", "k", "v"), ("q", "k", "v"), M, 4)
+    qkv = ("q", "k", "v")
+    layer = LoRAEnsembleFusedLinear(nn.Linear(32, 96), qkv, qkv, M, LoRASpec(rank=4))
     _randomise_b(layer)
     x = torch.randn(M * B, T, 32)
     reference = layer(x)

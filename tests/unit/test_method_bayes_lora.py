@@ -7,7 +7,14 @@ import torch
 from torch import nn
 
 from lorae.errors import ConfigError
-from lorae.lora import LoRAEnsembleFusedLinear, LoRAEnsembleLinear, lora_layers
+from lorae.lora import (
+    ATTENTION,
+    LoRAEnsembleFusedLinear,
+    LoRAEnsembleLinear,
+    LoRASpec,
+    Projection,
+    lora_layers,
+)
 from lorae.methods import BayesLoRA, kfac_factors, kron_sample
 from tests.fixtures.models import TINY_BACKBONES
 
@@ -58,10 +65,11 @@ class _OneLayer(nn.Module):
         if fused:
             base = nn.Linear(4, 6)
             self.layer: LoRAEnsembleLinear = LoRAEnsembleFusedLinear(
-                base, ("q", "k", "v"), ("q", "v"), 1, 2, init_gain=1.0
+                base, ("q", "k", "v"), ("q", "v"), 1, LoRASpec(rank=2, gain=1.0)
             )
         else:
-            self.layer = LoRAEnsembleLinear(nn.Linear(4, 6), 1, 2, alpha=3.0, init_gain=1.0)
+            spec = LoRASpec(rank=2, alpha=3.0, gain=1.0)
+            self.layer = LoRAEnsembleLinear(nn.Linear(4, 6), 1, spec)
         with torch.no_grad():
             self.layer.B.normal_()
 
@@ -86,14 +94,13 @@ def test_kfac_is_exact_for_one_example(fused: bool) -> None:
         torch.testing.assert_close(torch.kron(a, g), torch.outer(vec, vec), rtol=1e-4, atol=1e-6)
 
 
-def _bayes(**kwargs: object) -> BayesLoRA:
+def _bayes(targets: tuple[Projection, ...] = ATTENTION, **kwargs: object) -> BayesLoRA:
     name, overrides = TINY_BACKBONES["timm_vit"]
     torch.manual_seed(0)
     model = BayesLoRA(
         C,
         name,
-        rank=1,
-        init_gain=1.0,
+        lora=LoRASpec(rank=1, gain=1.0, targets=targets),
         pretrained=False,
         backbone_overrides=overrides,
         **kwargs,  # type: ignore[arg-type]
@@ -110,7 +117,7 @@ def _batches(n: int = 3) -> list[tuple[torch.Tensor, torch.Tensor]]:
 
 
 def test_posterior_samples_have_the_fitted_mean_and_covariance() -> None:
-    model = _bayes(num_samples=4, targets=["o"], prior_precision=0.5)
+    model = _bayes(num_members=4, targets=("o",), prior_precision=0.5)
     model.fit_posterior(_batches())
     assert bool(model.fitted)
     name = "model.blocks.1.attn.proj"
@@ -137,7 +144,7 @@ def test_posterior_samples_have_the_fitted_mean_and_covariance() -> None:
 
 
 def test_members_are_fixed_posterior_samples_and_checkpointable() -> None:
-    model = _bayes(num_samples=5, member_chunk=2)
+    model = _bayes(num_members=5, member_chunk=2)
     x = torch.randn(2, 3, 16, 16)
     with torch.no_grad():
         map_logits = model(x)
@@ -152,7 +159,7 @@ def test_members_are_fixed_posterior_samples_and_checkpointable() -> None:
         # Chunking does not change the members.
         model.member_chunk = 5
         torch.testing.assert_close(model(x), logits)
-        fresh = _bayes(num_samples=5, member_chunk=2)
+        fresh = _bayes(num_members=5, member_chunk=2)
         fresh.load_state_dict(model.state_dict())
         assert bool(fresh.fitted)
         torch.testing.assert_close(fresh(x), logits)

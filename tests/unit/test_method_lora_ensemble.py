@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from dataclasses import fields
+
 import pytest
 import torch
 
 from lorae.backbones import create_backbone
 from lorae.errors import ConfigError
-from lorae.lora import lora_layers
+from lorae.lora import LoRASpec, lora_layers
 from lorae.methods import LoRAEnsemble, repeat_members
 from tests.fixtures.models import FAMILIES, TINY_BACKBONES, tiny_inputs
 
@@ -15,13 +17,15 @@ M, B, C = 3, 4, 5
 
 
 def _lora(family: str, seed: int = 0, **kwargs: object) -> LoRAEnsemble:
+    """A tiny LoRA-Ensemble; LoRASpec fields among ``kwargs`` go into its ``lora`` (rank 2)."""
     name, overrides = TINY_BACKBONES[family]
     torch.manual_seed(seed)
+    options = {k: kwargs.pop(k) for k in [f.name for f in fields(LoRASpec)] if k in kwargs}
     return LoRAEnsemble(
         C,
         name,
         num_members=kwargs.pop("num_members", M),  # type: ignore[arg-type]
-        rank=2,
+        lora=LoRASpec(**{"rank": 2, **options}),  # type: ignore[arg-type]
         pretrained=False,
         backbone_overrides=overrides,
         **kwargs,  # type: ignore[arg-type]
@@ -127,7 +131,7 @@ def test_mlp_targets_and_high_rank_single_network() -> None:
 
 
 @pytest.mark.parametrize(
-    ("init", "kwargs"), [("normal", {"init_std": 0.5}), ("xavier_uniform", {"init_gain": 3.0})]
+    ("init", "kwargs"), [("normal", {"std": 0.5}), ("xavier_uniform", {"gain": 3.0})]
 )
 def test_init_options_reach_the_factors(init: str, kwargs: dict[str, float]) -> None:
     model = _lora("timm_vit", init=init, **kwargs)

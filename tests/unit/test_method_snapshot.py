@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from typing import Any
 
 import lightning.pytorch as pl
@@ -11,8 +12,16 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from lorae.errors import ConfigError
-from lorae.methods import SnapshotEnsemble, repeat_members, snapshot_epochs
+from lorae.lora import LoRASpec
+from lorae.methods import (
+    SingleNetwork,
+    SnapshotEnsemble,
+    repeat_members,
+    snapshot_epochs,
+    snapshot_schedule,
+)
 from lorae.module import EnsembleClassifier
+from lorae.optim import LRLambda, TrainingSteps
 from tests.fixtures.models import TINY_BACKBONES
 
 C = 3
@@ -61,8 +70,7 @@ def _method(num_members: int, burn_in: int) -> SnapshotEnsemble:
         name,
         num_members=num_members,
         burn_in_epochs=burn_in,
-        rank=2,
-        init_gain=1.0,
+        lora=LoRASpec(rank=2, gain=1.0),
         pretrained=False,
         backbone_overrides=overrides,
     )
@@ -140,17 +148,21 @@ def test_evaluation_runs_the_snapshots_and_survives_a_state_dict_round_trip() ->
 
 
 def test_before_all_snapshots_missing_members_are_the_current_weights() -> None:
+    torch.manual_seed(0)
     method = _method(3, 1).eval()
     x = torch.randn(2, 3, 16, 16)
+    # Three members in one batch versus the one-member network: equal up to float rounding,
+    # which the large weights below (+0.5 everywhere) amplify to about 1e-4.
+    close = {"rtol": 1e-4, "atol": 2e-4}
     with torch.no_grad():
         current = method.network(x)[0]
         method.take_snapshot()
         for p in method._trainable().values():
             p.add_(0.5)
         logits = method(x)
-    torch.testing.assert_close(logits[0], current)
+    torch.testing.assert_close(logits[0], current, **close)
     torch.testing.assert_close(logits[1], logits[2])
-    torch.testing.assert_close(logits[1], method.network(x)[0])
+    torch.testing.assert_close(logits[1], method.network(x)[0], **close)
     assert repeat_members(x, 3).shape[0] == 6
 
 
@@ -159,3 +171,56 @@ def test_snapshot_plan_errors_and_single_member() -> None:
     assert snapshot_epochs(5, 1, 1) == [5]
     with pytest.raises(ConfigError, match="max_epochs"):
         snapshot_epochs(3, 4, 1)
+
+
+def test_the_cyclic_schedule_is_the_methods_lr_schedule_hook() -> None:
+    method = _method(3, 1)
+    steps = TrainingSteps(total_steps=12, steps_per_epoch=3, max_epochs=4, warmup_steps=2)
+    schedule = method.lr_schedule(steps)
+    assert schedule is not None
+    expected = snapshot_schedule(snapshot_epochs(4, 3, 1), 3, 2)
+    assert [schedule(s) for s in range(12)] == [expected(s) for s in range(12)]
+    # Burn-in extended to 2 epochs (6 steps), then cycles of 3 steps restarting at the base rate.
+    assert schedule(6) == 1.0 and schedule(9) == 1.0 and schedule(5) < 0.2
+    assert method.lr_schedule(replace(steps, fast_dev_run=True)) is None  # the module's own
+    with pytest.raises(ConfigError, match="max_epochs"):
+        method.lr_schedule(replace(steps, max_epochs=None))
+
+
+class _LearningRates(pl.Callback):
+    def __init__(self) -> None:
+        self.lrs: list[float] = []
+
+    def on_train_batch_start(self, trainer: pl.Trainer, *args: Any) -> None:
+        self.lrs.append(trainer.optimizers[0].param_groups[0]["lr"])
+
+
+class _QuarterRate(SingleNetwork):
+    """A method with a schedule of its own: a constant quarter of the base rate."""
+
+    def lr_schedule(self, steps: TrainingSteps) -> LRLambda | None:
+        return lambda step: 0.25
+
+
+def test_configure_optimizers_uses_the_method_schedule_else_its_own() -> None:
+    name, overrides = TINY_BACKBONES["timm_vit"]
+    data = TensorDataset(torch.randn(6, 3, 16, 16), torch.arange(6) % C)
+    for method_class, warmup, expected in [(_QuarterRate, 2, 0.25), (SingleNetwork, 0, 1.0)]:
+        module = EnsembleClassifier(
+            lambda c, cls=method_class: cls(c, name, False, overrides),
+            C,
+            optimizer=lambda params: torch.optim.SGD(params, lr=BASE_LR),
+            lr_decay="constant",
+            warmup_steps=warmup,
+        )
+        recorder = _LearningRates()
+        pl.Trainer(
+            max_epochs=1,
+            accelerator="cpu",
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            callbacks=[recorder],
+        ).fit(module, DataLoader(data, batch_size=2))
+        assert recorder.lrs == pytest.approx([expected * BASE_LR] * 3)

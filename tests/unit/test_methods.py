@@ -11,8 +11,10 @@ from torch import nn
 from lorae.backbones import create_backbone
 from lorae.backbones.base import Backbone, Inputs
 from lorae.errors import ConfigError
+from lorae.lora import LoRASpec
 from lorae.methods import (
-    BatchEnsemble,
+    METHODS,
+    BackboneMethod,
     BatchEnsembleLinear,
     BayesLoRA,
     EnsembleMethod,
@@ -22,9 +24,11 @@ from lorae.methods import (
     MCDropout,
     MemberLayerNorm,
     SnapshotEnsemble,
+    method_class,
+    register_method,
     repeat_members,
 )
-from lorae.methods import mc_dropout as mc_dropout_module
+from lorae.methods import base as methods_base
 from lorae.methods.explicit import resolve_vectorize
 from lorae.methods.mc_dropout import set_dropout
 from tests.fixtures.models import FAMILIES, TINY_BACKBONES, tiny_inputs
@@ -32,37 +36,83 @@ from tests.fixtures.models import FAMILIES, TINY_BACKBONES, tiny_inputs
 M, B, C = 3, 4, 5
 
 
+TINY_LORA = LoRASpec(rank=2)
+
+#: Test case -> (registered method name, its tiny options). Every registered method needs a
+#: case (:func:`test_every_registered_method_has_a_case`); variants get cases of their own.
+CASES: dict[str, tuple[str, dict[str, object]]] = {
+    "lora_ensemble": ("lora_ensemble", {"num_members": M, "lora": TINY_LORA}),
+    "explicit_ensemble": ("explicit_ensemble", {"num_members": M}),
+    "mc_dropout": ("mc_dropout", {"num_members": M}),
+    "batch_ensemble": ("batch_ensemble", {"num_members": M}),
+    "batch_ensemble_pp": ("batch_ensemble", {"num_members": M, "variant": "additive"}),
+    "film_ensemble": ("film_ensemble", {"num_members": M}),
+    "snapshot_ensemble": ("snapshot_ensemble", {"num_members": M, "lora": TINY_LORA}),
+    "bayes_lora": ("bayes_lora", {"num_members": M, "lora": TINY_LORA}),
+    "single_network": ("single_network", {}),
+}
+
+
 def build(kind: str, family: str, seed: int = 0, **kwargs: object) -> EnsembleMethod:
-    """A tiny method of ``kind`` on ``family``'s random backbone, in eval mode."""
+    """The tiny method of case ``kind`` on ``family``'s random backbone, in eval mode."""
     name, overrides = TINY_BACKBONES[family]
     torch.manual_seed(seed)
+    method, options = CASES[kind]
     common = {"pretrained": False, "backbone_overrides": overrides}
-    members = {"num_members": M}
-    factories: dict[str, Callable[[], EnsembleMethod]] = {
-        "lora": lambda: LoRAEnsemble(C, name, rank=2, **members, **common, **kwargs),
-        "explicit": lambda: ExplicitEnsemble(C, name, **members, **common, **kwargs),
-        "mc_dropout": lambda: MCDropout(C, name, **members, **common, **kwargs),
-        "batch_ensemble": lambda: BatchEnsemble(C, name, **members, **common, **kwargs),
-        "batch_ensemble_pp": lambda: BatchEnsemble(
-            C, name, variant="additive", **members, **common, **kwargs
-        ),
-        "film": lambda: FiLMEnsemble(C, name, **members, **common, **kwargs),
-        "snapshot": lambda: SnapshotEnsemble(C, name, rank=2, **members, **common, **kwargs),
-        "bayes_lora": lambda: BayesLoRA(C, name, num_samples=M, rank=2, **common, **kwargs),
+    return METHODS[method](C, name, **options, **common, **kwargs).eval()  # type: ignore[call-arg]
+
+
+def test_every_registered_method_has_a_case() -> None:
+    covered = {method for method, _ in CASES.values()}
+    assert covered == set(METHODS), f"add a case for {sorted(set(METHODS) - covered)}"
+
+
+# ------------------------------------------------------------------------------ registry
+
+
+def test_registry_holds_every_method_class_of_the_package() -> None:
+    import lorae.methods as package
+
+    classes = {
+        value
+        for value in vars(package).values()
+        if isinstance(value, type)
+        and issubclass(value, EnsembleMethod)
+        and value not in (EnsembleMethod, BackboneMethod, package.LoRANetworkMethod)
     }
-    return factories[kind]().eval()  # type: ignore[no-untyped-call]
+    assert classes == set(METHODS.values())
+    assert METHODS["lora_ensemble"] is LoRAEnsemble and METHODS["bayes_lora"] is BayesLoRA
+    assert method_class("snapshot_ensemble") is SnapshotEnsemble
+    with pytest.raises(ConfigError, match="lora_ensemble"):
+        method_class("lora_ensembel")
 
 
-METHODS = (
-    "lora",
-    "explicit",
-    "mc_dropout",
-    "batch_ensemble",
-    "batch_ensemble_pp",
-    "film",
-    "snapshot",
-    "bayes_lora",
-)
+def test_register_method_adds_a_class_and_refuses_a_taken_name(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    registry = dict(METHODS)
+    monkeypatch.setattr("lorae.methods.registry.METHODS", registry)
+
+    @register_method("tiny_new_method")
+    class TinyNewMethod(EnsembleMethod):
+        pass
+
+    assert registry["tiny_new_method"] is TinyNewMethod
+    assert register_method("tiny_new_method")(TinyNewMethod) is TinyNewMethod  # idempotent
+    with pytest.raises(ValueError, match="lora_ensemble"):
+        register_method("lora_ensemble")(TinyNewMethod)
+
+
+@pytest.mark.parametrize("kind", [k for k, (method, _) in CASES.items() if k == method])
+def test_backbone_methods_share_one_identity(kind: str) -> None:
+    """The prologue's identity: method, members, classes and the backbone name."""
+    model = build(kind, "timm_vit")
+    identity = model.identity()
+    assert identity["method"] == type(model).__name__
+    assert identity["backbone"] == TINY_BACKBONES["timm_vit"][0]
+    assert identity["num_members"] == model.num_members and identity["num_classes"] == C
+    if "lora" in CASES[kind][1]:
+        assert identity["rank"] == 2
 
 
 def trainable(model: nn.Module) -> set[str]:
@@ -73,15 +123,16 @@ def trainable(model: nn.Module) -> set[str]:
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("kind", METHODS)
+@pytest.mark.parametrize("kind", CASES)
 def test_every_method_returns_member_logits(kind: str, family: str) -> None:
     model = build(kind, family)
+    members = CASES[kind][1].get("num_members", 1)
     x = tiny_inputs(family, B)
     with torch.no_grad():
         logits = model(x)
-    assert logits.shape == (M, B, C)
+    assert logits.shape == (members, B, C)
     assert torch.isfinite(logits).all()
-    assert model.num_members == M and model.num_classes == C
+    assert model.num_members == members and model.num_classes == C
     model.train()
     loss = model(x).logsumexp(-1).mean()
     loss.backward()
@@ -89,14 +140,18 @@ def test_every_method_returns_member_logits(kind: str, family: str) -> None:
 
 
 TRAINABLE: dict[str, Callable[[str], bool]] = {
-    "lora": lambda n: n.endswith((".A", ".B")) or n.startswith("head."),
-    "snapshot": lambda n: n.endswith((".A", ".B")) or n.startswith("network.head."),
+    "lora_ensemble": lambda n: n.endswith((".A", ".B")) or n.startswith("head."),
+    "snapshot_ensemble": lambda n: n.endswith((".A", ".B")) or n.startswith("network.head."),
     "bayes_lora": lambda n: n.endswith((".A", ".B")) or n.startswith("network.head."),
-    "film": lambda n: n.startswith("head.") or (n.endswith((".weight", ".bias")) and "norm" in n),
+    "film_ensemble": lambda n: (
+        n.startswith("head.") or (n.endswith((".weight", ".bias")) and "norm" in n)
+    ),
 }
 
 
-@pytest.mark.parametrize("kind", ["lora", "snapshot", "bayes_lora", "film"])
+@pytest.mark.parametrize(
+    "kind", ["lora_ensemble", "snapshot_ensemble", "bayes_lora", "film_ensemble"]
+)
 def test_adapter_methods_train_only_their_parameters(kind: str) -> None:
     model = build(kind, "timm_vit")
     names = trainable(model)
@@ -105,14 +160,14 @@ def test_adapter_methods_train_only_their_parameters(kind: str) -> None:
     assert any("mlp.fc1" in n for n in frozen)
 
 
-@pytest.mark.parametrize("kind", ["explicit", "mc_dropout"])
+@pytest.mark.parametrize("kind", ["explicit_ensemble", "mc_dropout"])
 def test_full_finetuning_methods_train_everything(kind: str) -> None:
     model = build(kind, "torchvision_vit")
     assert trainable(model) == {n for n, _ in model.named_parameters()}
 
 
 def test_film_trains_exactly_the_layernorm_affines_and_heads() -> None:
-    model = build("film", "timm_vit")
+    model = build("film_ensemble", "timm_vit")
     norms = [m for m in model.modules() if isinstance(m, MemberLayerNorm)]
     # tiny timm ViT: norm1 + norm2 in each of 2 blocks, and the final norm
     assert len(norms) == 5
@@ -198,7 +253,7 @@ def test_mc_dropout_without_dropout_is_a_config_error(monkeypatch: pytest.Monkey
     def no_dropout_backbone(*args: object) -> Backbone:
         return _NoDropout(nn.Linear(3 * 16 * 16, 8), "timm_vit", 8)
 
-    monkeypatch.setattr(mc_dropout_module, "create_backbone", no_dropout_backbone)
+    monkeypatch.setattr(methods_base, "create_backbone", no_dropout_backbone)  # the prologue
     with pytest.raises(ConfigError, match="no dropout"):
         MCDropout(C, "anything", pretrained=False)
     with pytest.raises(ConfigError, match="dropout probability"):
@@ -220,7 +275,7 @@ def _set_norms(backbone: Backbone, film: FiLMEnsemble, member: int) -> None:
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_film_members_differ_only_in_layernorm_affines(family: str) -> None:
-    film = build("film", family)
+    film = build("film_ensemble", family)
     assert isinstance(film, FiLMEnsemble)
     x = tiny_inputs(family, B)
     with torch.no_grad():
@@ -240,7 +295,7 @@ def test_film_members_differ_only_in_layernorm_affines(family: str) -> None:
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_explicit_vmap_equals_loop(family: str) -> None:
-    model = build("explicit", family, noise_alpha=0.5)
+    model = build("explicit_ensemble", family, noise_alpha=0.5)
     assert isinstance(model, ExplicitEnsemble)
     x = tiny_inputs(family, B)
     results = {}
@@ -268,7 +323,7 @@ def test_explicit_auto_trains_with_the_loop_on_cuda_only() -> None:
 
 
 def test_explicit_members_are_independent_copies_of_the_pretrained_backbone() -> None:
-    model = build("explicit", "timm_vit")
+    model = build("explicit_ensemble", "timm_vit")
     x = tiny_inputs("timm_vit", B)
     name, overrides = TINY_BACKBONES["timm_vit"]
     torch.manual_seed(0)
@@ -291,7 +346,7 @@ def test_explicit_members_are_independent_copies_of_the_pretrained_backbone() ->
 
 def test_explicit_weight_noise_on_last_blocks_only() -> None:
     alpha = 0.5
-    model = build("explicit", "timm_vit", noise_alpha=alpha, noise_blocks=1)
+    model = build("explicit_ensemble", "timm_vit", noise_alpha=alpha, noise_blocks=1)
     name, overrides = TINY_BACKBONES["timm_vit"]
     torch.manual_seed(0)
     plain = create_backbone(name, False, overrides)
@@ -310,11 +365,11 @@ def test_explicit_weight_noise_on_last_blocks_only() -> None:
 
 
 def test_explicit_state_dict_round_trip() -> None:
-    model = build("explicit", "torchvision_vit")
+    model = build("explicit_ensemble", "torchvision_vit")
     with torch.no_grad():
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.01)
-    clone = build("explicit", "torchvision_vit", seed=3)
+    clone = build("explicit_ensemble", "torchvision_vit", seed=3)
     clone.load_state_dict(model.state_dict())
     x = tiny_inputs("torchvision_vit", B)
     with torch.no_grad():

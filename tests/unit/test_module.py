@@ -12,6 +12,7 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from lorae.errors import CheckpointMismatchError, ConfigError
+from lorae.lora import LoRASpec
 from lorae.methods import LoRAEnsemble
 from lorae.metrics import member_cross_entropy
 from lorae.module import EnsembleClassifier
@@ -27,7 +28,7 @@ def _module(num_members: int = 2, **kwargs: object) -> EnsembleClassifier:
         LoRAEnsemble,
         backbone=name,
         num_members=num_members,
-        rank=2,
+        lora=LoRASpec(rank=2),
         pretrained=False,
         backbone_overrides=overrides,
     )

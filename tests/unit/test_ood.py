@@ -7,8 +7,9 @@ import pytest
 import torch
 from sklearn.metrics import average_precision_score, roc_auc_score
 
+from lorae.evaluation.protocol import TestEvaluation
+from lorae.evaluation.result import OODResult, ShiftResult, Variant
 from lorae.metrics import EnsembleMetrics, OODMetrics, ood_scores
-from lorae.metrics.evaluation import TestEvaluation
 from lorae.metrics.functional import mutual_information, predictive_entropy, predictive_probs
 
 
@@ -57,33 +58,41 @@ def test_single_member_mutual_information_is_uninformative() -> None:
 
 def test_test_evaluation_scores_every_set() -> None:
     num_classes, m = 4, 2
-    evaluation = TestEvaluation(
-        num_classes, m, 10, {"": 1.0, "calibrated/": 1.5}, [("far", "ood"), ("blur/1", "shift")]
-    )
+    variants = [Variant("uncalibrated", 1.0), Variant("calibrated", 1.5)]
+    evaluation = TestEvaluation(num_classes, m, 10, variants, [("far", "ood"), ("blur/1", "shift")])
     test = _logits(m, 60, num_classes, seed=5, scale=3.0), torch.randint(0, 4, (60,))
     far = _logits(m, 30, num_classes, seed=6, scale=0.5), torch.full((30,), 77)  # bad targets
     shift = _logits(m, 40, num_classes, seed=7), torch.randint(0, 4, (40,))
     evaluation.update(*test, dataloader_idx=0)
     evaluation.update(*far, dataloader_idx=1)
     evaluation.update(*shift, dataloader_idx=2)
-    scalars, arrays = evaluation.compute()
-    for prefix, temperature in (("", 1.0), ("calibrated/", 1.5)):
+    result = evaluation.compute()
+    for variant, temperature in zip(result.variants, (1.0, 1.5), strict=True):
+        assert variant.variant.temperature == temperature
+        far_result, shift_result = variant.sets
+        assert isinstance(far_result, OODResult) and isinstance(shift_result, ShiftResult)
         reference = EnsembleMetrics(num_classes, m)
         reference.update(*shift, temperature=temperature)
-        for name, value in reference.compute().items():
-            if not name.startswith("member_acc"):
-                assert float(scalars[f"{prefix}shift/blur/1/{name}"]) == pytest.approx(float(value))
+        expected = reference.compute()
+        for name, value in shift_result.scores.items(members=False):
+            assert value == pytest.approx(float(expected[name]))
         ood = OODMetrics(temperature)
         ood.update(test[0], True)
         ood.update(far[0], False)
-        for name, value in ood.compute().items():
-            assert float(scalars[f"{prefix}ood/far/{name}"]) == pytest.approx(float(value))
+        found = ood.compute()
+        for score, detection in far_result.scores.items():
+            assert detection.auroc == pytest.approx(float(found[f"{score}/auroc"]))
+            assert detection.auprc == pytest.approx(float(found[f"{score}/auprc"]))
         reference = EnsembleMetrics(num_classes, m)
         reference.update(*test, temperature=temperature)
-        assert float(scalars[f"{prefix}ece"]) == pytest.approx(float(reference.compute()["ece"]))
-        assert float(arrays[f"{prefix}reliability/ece"]) == pytest.approx(
-            float(scalars[f"{prefix}ece"]), abs=1e-6
-        )
-    assert float(scalars["calibrated/temperature"]) == 1.5
-    assert "diversity/jsd" in scalars and "calibrated/diversity/jsd" not in scalars
-    assert arrays["diversity/jsd_matrix"].shape == (m, m)
+        assert variant.scores.ece == pytest.approx(float(reference.compute()["ece"]))
+        assert variant.reliability.ece == pytest.approx(variant.scores.ece, abs=1e-6)
+    values = result.log_values()
+    assert values["test/calibrated/temperature"] == 1.5
+    assert values["test/calibrated/ood/far/msp/auroc"] == result.variants[1].sets[0].scores[
+        "msp"
+    ].auroc  # fmt: skip
+    assert "test/diversity/jsd" in values and "test/calibrated/diversity/jsd" not in values
+    diversity = result.variants[0].diversity
+    assert diversity is not None and len(diversity.jsd_matrix) == m
+    assert all(len(row) == m for row in diversity.jsd_matrix)

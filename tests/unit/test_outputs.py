@@ -14,29 +14,30 @@ import torch
 
 from lorae.data import ImageFolderDataModule
 from lorae.errors import ConfigError
-from lorae.metrics.functional import (
-    expected_member_entropy,
-    mutual_information,
-    predictive_entropy,
-    predictive_log_probs,
-)
-from lorae.outputs import PredictionWriter, merge_rank_predictions, prediction_columns
+from lorae.evaluation.outputs import PredictionWriter, merge_rank_predictions, prediction_columns
+from lorae.methods.base import EnsembleMethod
+from lorae.metrics.functional import predictive_log_probs
+from lorae.module import EnsembleClassifier
 from tests.fixtures.builders import write_image_folder
 
 
+class GivenLogits(EnsembleMethod):
+    """A method whose input already is the member logits: ``(B, M, C) -> (M, B, C)``."""
+
+    def __init__(self, num_classes: int, num_members: int) -> None:
+        super().__init__()
+        self.num_classes, self.num_members = num_classes, num_members
+
+    def forward(self, x: Any) -> torch.Tensor:
+        return x.transpose(0, 1)
+
+
 def _batch(logits: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
-    """What EnsembleClassifier.predict_step returns for these logits."""
-    logits = logits.double()
-    log_probs = predictive_log_probs(logits)
-    return {
-        "target": target,
-        "pred": log_probs.argmax(-1),
-        "entropy": predictive_entropy(log_probs),
-        "expected_entropy": expected_member_entropy(logits),
-        "mutual_information": mutual_information(logits),
-        "probs": log_probs.exp(),
-        "member_pred": logits.argmax(-1).T,
-    }
+    """What the real EnsembleClassifier.predict_step returns for these member logits."""
+    m, _, c = logits.shape
+    module = EnsembleClassifier(lambda classes: GivenLogits(classes, m), c)
+    with torch.no_grad():
+        return module.predict_step((logits.transpose(0, 1), target), 0)
 
 
 def _trainer(tmp_path: Path, names: list[str] | None = None) -> Any:
@@ -114,7 +115,7 @@ def test_parquet_output_and_file_names(tmp_path: Path) -> None:
 def test_parquet_without_pyarrow_is_a_clear_error(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr("lorae.outputs.importlib.util.find_spec", lambda name: None)
+    monkeypatch.setattr("lorae.evaluation.outputs.importlib.util.find_spec", lambda name: None)
     writer = PredictionWriter(output_path=str(tmp_path / "p.parquet"))
     batch = _batch(_logits(2, 3, 2, seed=3), torch.tensor([0, 1, 1]))
     with pytest.raises(ConfigError, match=r"lorae\[parquet\]"):

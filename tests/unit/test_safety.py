@@ -5,22 +5,17 @@ from __future__ import annotations
 import os
 import random
 import re
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from lorae.checkpoints import safe as checkpointing
+from lorae.checkpoints.safe import SafeCheckpointIO, load_checkpoint_safely
 from lorae.cli import main
-from lorae.training import (
-    CheckpointReadError,
-    RandomStateCheckpoint,
-    SafeCheckpointIO,
-    UnsafeCheckpointError,
-    checkpointing,
-    load_checkpoint_safely,
-)
+from lorae.errors import CheckpointReadError, UnsafeCheckpointError
+from lorae.training import RandomStateCheckpoint
 from tests.integration.tiny_configs import digits_lora_config, write_config
 
 LORAE_SOURCE = Path(__file__).resolve().parents[2] / "lorae"
@@ -65,12 +60,8 @@ def test_safe_loader_refuses_hostile_checkpoint(hostile_checkpoint: tuple[Path, 
 
 
 def test_cli_refuses_hostile_checkpoint(
-    hostile_checkpoint: tuple[Path, Path],
-    tmp_path: Path,
-    capsys: pytest.CaptureFixture[str],
-    monkeypatch: pytest.MonkeyPatch,
+    hostile_checkpoint: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    monkeypatch.setattr(sys, "argv", ["lorae"])
     path, marker = hostile_checkpoint
     cfg = write_config(tmp_path / "config.yaml", digits_lora_config())
     for subcommand in ("fit", "test"):
@@ -173,7 +164,6 @@ def test_offline_run_never_opens_a_network_connection(
 
     monkeypatch.setattr(socket.socket, "connect", refuse)
     monkeypatch.setattr(socket.socket, "connect_ex", refuse)
-    monkeypatch.setattr(sys, "argv", ["lorae"])
     cfg = write_config(tmp_path / "config.yaml", digits_lora_config())
     for subcommand in ("fit", "test", "predict"):
         main(

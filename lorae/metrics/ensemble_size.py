@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torchmetrics import Metric
 
-__all__ = ["EnsembleSizeCurve", "first_k_log_probs", "size_curve_rows"]
+__all__ = ["EnsembleSizeCurve", "first_k_log_probs"]
 
 
 def first_k_log_probs(logits: Tensor, temperature: float = 1.0) -> Tensor:
@@ -89,12 +89,3 @@ class EnsembleSizeCurve(Metric):
         total = self.total.clamp(min=1)
         ece = (self.correct_sum - self.confidence_sum).abs().sum(dim=1) / total
         return {"acc": self.correct / total, "ece": ece, "nll": self.nll_sum / total}
-
-
-def size_curve_rows(curve: dict[str, Tensor]) -> list[dict[str, float]]:
-    """One row per ensemble size: ``{"k": k, "acc": ..., "ece": ..., "nll": ...}``."""
-    sizes = curve["acc"].shape[0]
-    return [
-        {"k": k + 1, **{name: float(values[k]) for name, values in curve.items()}}
-        for k in range(sizes)
-    ]

@@ -23,10 +23,9 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from lorae.data.base import ClassificationDataModule
 from lorae.errors import ConfigError
+from lorae.evaluation.collect import collect_member_logits
 from lorae.metrics import EnsembleMetrics
-from lorae.module import EnsembleClassifier
 
 __all__ = ["cross_validate", "main", "pooled_metrics"]
 
@@ -66,28 +65,11 @@ def pooled_metrics(
     return {key: float(value) for key, value in metrics.compute().items()}
 
 
-@torch.no_grad()
-def _predict(model: EnsembleClassifier, data: ClassificationDataModule) -> tuple[Tensor, Tensor]:
-    """Member logits ``(M, N, C)`` and targets ``(N,)`` of the test split."""
-    model.eval()
-    device = next(model.parameters()).device
-    logits, targets = [], []
-    loader = data.predict_dataloader()
-    for inputs, target in loader:
-        if isinstance(inputs, Tensor):
-            inputs = inputs.to(device)
-        else:
-            inputs = {k: v.to(device) for k, v in inputs.items()}
-        logits.append(model(inputs).float().cpu())
-        targets.append(target)
-    return torch.cat(logits, dim=1), torch.cat(targets)
-
-
 def _fit_fold(
     configs: list[str], fold: int, root: Path, extra: list[str], checkpoint: Literal["last", "best"]
 ) -> tuple[Tensor, Tensor, int, int]:
-    from lorae.cli import build_cli
-    from lorae.training import load_checkpoint_safely
+    from lorae.checkpoints.safe import load_checkpoint_safely
+    from lorae.cli.main import build_cli
 
     args = [a for config in configs for a in ("--config", config)]
     args += [
@@ -112,7 +94,12 @@ def _fit_fold(
         best_checkpoint = load_checkpoint_safely(best)
         cli.model.on_load_checkpoint(best_checkpoint)  # fills an adapter-only checkpoint
         cli.model.load_state_dict(best_checkpoint["state_dict"])
-    logits, targets = _predict(cli.model, cli.datamodule)
+    logits, targets = collect_member_logits(
+        cli.model,
+        cli.datamodule.predict_dataloader(),
+        cli.trainer.strategy.batch_to_device,
+        forward_context=cli.trainer.precision_plugin.forward_context,
+    )
     return logits, targets, cli.model.num_classes, cli.model.ece_bins
 
 

@@ -6,7 +6,6 @@ import csv
 import importlib.util
 import json
 import math
-import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -18,6 +17,7 @@ import torch.distributed as dist
 from lightning.pytorch.callbacks import BasePredictionWriter
 from torch import Tensor
 
+from lorae.checkpoints.atomic import atomic_path
 from lorae.errors import ConfigError
 
 __all__ = ["PredictionWriter", "merge_rank_predictions", "prediction_columns", "write_metrics"]
@@ -31,10 +31,8 @@ def write_metrics(
     """Write ``{"metrics": {...}, **extra}`` as JSON (floats; NaN as null)."""
     values = {k: float(v) for k, v in metrics.items()}
     clean = {k: (None if math.isnan(v) else v) for k, v in sorted(values.items())}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f".{path.name}.partial-{os.getpid()}")
-    partial.write_text(json.dumps({"metrics": clean, **extra}, indent=2) + "\n")
-    os.replace(partial, path)  # readers never see a half-written file
+    with atomic_path(path) as partial:  # readers never see a half-written file
+        partial.write_text(json.dumps({"metrics": clean, **extra}, indent=2) + "\n")
     return path
 
 
@@ -169,11 +167,11 @@ class PredictionWriter(BasePredictionWriter):
             num_classes, num_members, names is not None, self.member_predictions
         )
         assert list(columns) == expected
-        path.parent.mkdir(parents=True, exist_ok=True)
-        if file_format == "parquet":
-            _write_parquet(path, columns)
-        else:
-            _write_csv(path, columns)
+        with atomic_path(path) as partial:  # a killed run leaves no half-written table
+            if file_format == "parquet":
+                _write_parquet(partial, columns)
+            else:
+                _write_csv(partial, columns)
         return path
 
 

@@ -18,19 +18,26 @@ from typing import Any, Literal
 
 import torch
 from lightning.pytorch import Trainer
-from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
+from lightning.pytorch.cli import (
+    ArgsType,
+    LightningArgumentParser,
+    LightningCLI,
+    SaveConfigCallback,
+)
 from lightning.pytorch.plugins.io import CheckpointIO
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from lorae import methods, tools
-from lorae.adapters import is_adapter_checkpoint
-from lorae.analysis.report import attach_test_callbacks, test_report
+from lorae import methods
+from lorae.backbones import backbone_preprocessing
+from lorae.checkpoints.adapters import is_adapter_checkpoint
+from lorae.checkpoints.safe import SafeCheckpointIO, load_checkpoint_safely
+from lorae.cli import tools
 from lorae.data.base import ClassificationDataModule
 from lorae.errors import ConfigError, LoraeError
-from lorae.methods.base import EnsembleMethod
+from lorae.evaluation.callback import TestProtocol
+from lorae.evaluation.outputs import PredictionWriter
 from lorae.module import EnsembleClassifier
-from lorae.outputs import PredictionWriter, write_metrics
-from lorae.training import SafeCheckpointIO, load_checkpoint_safely, out_of_memory_message
+from lorae.training import out_of_memory_message
 
 
 def unknown_method_check(message: str) -> None:
@@ -48,12 +55,7 @@ def unknown_method_check(message: str) -> None:
         return  # the class exists: the error is about its options
     except (ImportError, AttributeError, ValueError):
         pass
-    classes = [getattr(methods, n) for n in dir(methods)]
-    known = sorted(
-        f"lorae.methods.{c.__name__}"
-        for c in classes
-        if isinstance(c, type) and issubclass(c, EnsembleMethod) and c is not EnsembleMethod
-    )
+    known = sorted(methods.class_path(cls) for cls in methods.METHODS.values())
     raise ConfigError(
         f"Unknown method {name!r} (model.method.class_path). Known methods: "
         f"{', '.join(known)}; or the import path of your own EnsembleMethod subclass."
@@ -66,8 +68,45 @@ class LoraeCLI(LightningCLI):
     #: set by :meth:`parse_arguments`: the ``--ckpt_path`` file holds only adapters.
     adapter_checkpoint: bool = False
 
+    def __init__(
+        self,
+        args: ArgsType = None,
+        run: bool = True,
+        load_from: str | None = None,
+        save_config: bool = True,
+    ) -> None:
+        """See :func:`build_cli`, the one way lorae builds it."""
+        self.load_from = load_from
+        self._parsers: list[LightningArgumentParser] = []
+        super().__init__(
+            EnsembleClassifier,
+            ClassificationDataModule,
+            save_config_callback=SaveConfigCallback if save_config else None,
+            subclass_mode_data=True,
+            trainer_defaults={"gradient_clip_val": 1.0},
+            args=args,
+            run=run,
+            auto_configure_optimizers=False,
+            parser_kwargs={
+                "description": "lorae: LoRA-Ensemble, calibrated uncertainty from one frozen "
+                "transformer. Subcommands: fit, validate, test, predict; each takes "
+                "--config FILE and any option as --key=value (see --help of a subcommand)."
+                + (f"\nTools (lorae TOOL --help):\n{tools.describe()}" if tools.TOOLS else ""),
+                "formatter_class": argparse.RawDescriptionHelpFormatter,
+            },
+        )
+
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        self._parsers.append(parser)
         parser.link_arguments("data.num_classes", "model.num_classes", apply_on="instantiate")
+        # The backbone owns its input format (image size and normalisation, or tokenizer):
+        # the data module is told, so a config names its backbone once, in the method.
+        parser.link_arguments(
+            ("model.method.init_args.backbone", "model.method.init_args.pretrained"),
+            "data.init_args.preprocessing",
+            compute_fn=backbone_preprocessing,
+            apply_on="parse",
+        )
         # Data sets with a loss weighting of their own (HAM10000) expose it; others give None.
         parser.link_arguments("data.class_weights", "model.class_weights", apply_on="instantiate")
         parser.add_argument(
@@ -100,13 +139,19 @@ class LoraeCLI(LightningCLI):
             help="Save reliability diagrams and evaluation figures as PNG and log them to "
             "TensorBoard (default: when matplotlib, the plots extra, is installed).",
         )
+        # The test protocol is a trainer callback like the prediction writer; its options keep
+        # their short top-level names (--calibrate, ...), linked into it.
+        parser.add_lightning_class_args(TestProtocol, "test_protocol")
+        for option in ("calibrate", "temperature_sweep", "plots"):
+            parser.link_arguments(option, f"test_protocol.{option}")
 
     def parse_arguments(self, parser: LightningArgumentParser, args: ArgsType) -> None:
         """Parse, then check that a ``--ckpt_path`` file loads as data only: LightningCLI reads
         it for hyperparameters before anything else, and its error would be a traceback.
         An unknown ``model.method`` class is reported with the list of lorae's methods."""
-        # The subcommand parsers report their own errors (LightningCLI keeps them privately).
-        parsers = [parser, *getattr(self, "_subcommand_parsers", {}).values()]
+        # Every parser reports its own errors: the main one and each subcommand's, as
+        # recorded by add_arguments_to_parser (LightningCLI calls it for each of them).
+        parsers = [parser, *self._parsers]
         for each in parsers:
             each.exit_on_error = False
         try:
@@ -120,7 +165,7 @@ class LoraeCLI(LightningCLI):
             for each in parsers:
                 each.exit_on_error = True
         subcommand = self.config.get("subcommand")
-        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else self.load_from
         if ckpt_path and Path(ckpt_path).is_file():
             self.adapter_checkpoint = is_adapter_checkpoint(load_checkpoint_safely(ckpt_path))
 
@@ -143,12 +188,14 @@ class LoraeCLI(LightningCLI):
         Resuming (``fit --ckpt_path``) writes into the interrupted run's folder, so the saved
         ``config.yaml`` there may be overwritten instead of aborting the resume.
         """
-        if self.subcommand is None:  # run=False (e.g. `lorae crossval`): no checkpoint here
-            return
-        config = self.config[self.subcommand]
-        if self.subcommand == "fit" and config.get("ckpt_path"):
+        if self.subcommand is None:  # run=False: a tool builds the classes (`lorae analyze`)
+            config, ckpt_path, fit = self.config, self.load_from, False
+        else:
+            config = self.config[self.subcommand]
+            ckpt_path, fit = config.get("ckpt_path"), self.subcommand == "fit"
+        if fit and ckpt_path:
             self.save_config_kwargs["overwrite"] = True
-        if self.subcommand == "fit" or not config.get("ckpt_path"):
+        if fit or not ckpt_path:
             return
         if self.adapter_checkpoint:  # it needs the pretrained backbone
             return
@@ -181,18 +228,6 @@ class LoraeCLI(LightningCLI):
             )
         self.model.class_weights = torch.tensor(explicit, dtype=torch.float32)
 
-    def _attach_evaluation(self) -> None:
-        config = self.config[self.subcommand]
-        attach_test_callbacks(
-            self.trainer, self.model, config.get("calibrate"), config.get("temperature_sweep")
-        )
-
-    def before_fit(self) -> None:
-        self._attach_evaluation()
-
-    def before_test(self) -> None:
-        self._attach_evaluation()
-
     def after_fit(self) -> None:
         if not self.config[self.subcommand].get("test_after_fit"):
             return
@@ -201,10 +236,10 @@ class LoraeCLI(LightningCLI):
         ckpt_path = best or None
         print(f"\nTesting {'checkpoint ' + best if best else 'the final weights'}")
         self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=ckpt_path)
-        self._write_test_metrics(ckpt_path)
+        self._print_test_metrics()
 
     def after_test(self) -> None:
-        self._write_test_metrics(self.config[self.subcommand].get("ckpt_path"))
+        self._print_test_metrics()
 
     def after_predict(self) -> None:
         callbacks = self.trainer.callbacks  # type: ignore[attr-defined]  # set at runtime
@@ -212,54 +247,39 @@ class LoraeCLI(LightningCLI):
         if writer.written is not None:
             print(f"Predictions written to {writer.written}")
 
-    def _write_test_metrics(self, ckpt_path: str | None) -> None:
-        metrics = {k: v for k, v in self.trainer.callback_metrics.items() if k.startswith("test/")}
-        log_dir = Path(self.trainer.log_dir or self.trainer.default_root_dir)
-        report = test_report(
-            self.trainer, self.model, ckpt_path, self.config[self.subcommand].get("plots")
-        )
-        if self.trainer.is_global_zero:  # one writer: under DDP every rank holds the same values
-            path = write_metrics(
-                log_dir / "metrics.json",
-                metrics,
-                {"checkpoint": ckpt_path, "method": self.model.method.identity(), **report},
-            )
-            print(f"Test metrics written to {path}")
-        self.trainer.strategy.barrier()
+    def _print_test_metrics(self) -> None:
+        callbacks = self.trainer.callbacks  # type: ignore[attr-defined]  # set at runtime
+        protocol = next(c for c in callbacks if isinstance(c, TestProtocol))
+        if protocol.metrics_path is not None:  # process 0 wrote it
+            print(f"Test metrics written to {protocol.metrics_path}")
 
 
-def build_cli(args: list[str] | None, run: bool = True) -> LoraeCLI:
-    """The one way lorae builds its LightningCLI (the ``lorae`` command and tools such as
-    ``lorae crossval`` share it, so defaults cannot drift apart).
+def build_cli(
+    args: list[str] | None,
+    run: bool = True,
+    load_from: str | None = None,
+    save_config: bool = True,
+) -> LoraeCLI:
+    """The one way lorae builds its LightningCLI (the ``lorae`` command and the tools
+    ``lorae analyze`` and ``lorae crossval`` share it, so defaults cannot drift apart).
 
     Args:
         args: command-line arguments; ``None`` reads ``sys.argv``. With ``run=False`` they
             hold no subcommand, only options.
         run: run the subcommand (``False``: only build model, data and trainer).
+        load_from: with ``run=False``, the checkpoint the caller will load into the model:
+            a full one holds every weight, so no pretrained weights are loaded (as for
+            ``lorae test --ckpt_path``).
+        save_config: save the resolved ``config.yaml`` into the run's log folder.
     """
-    return LoraeCLI(
-        EnsembleClassifier,
-        ClassificationDataModule,
-        subclass_mode_data=True,
-        trainer_defaults={"gradient_clip_val": 1.0},
-        args=args,
-        run=run,
-        auto_configure_optimizers=False,
-        parser_kwargs={
-            "description": "lorae: LoRA-Ensemble, calibrated uncertainty from one frozen "
-            "transformer. Subcommands: fit, validate, test, predict; each takes "
-            "--config FILE and any option as --key=value (see --help of a subcommand)."
-            + (f"\nTools (lorae TOOL --help):\n{tools.describe()}" if tools.TOOLS else ""),
-            "formatter_class": argparse.RawDescriptionHelpFormatter,
-        },
-    )
+    return LoraeCLI(args, run, load_from, save_config)
 
 
 def main(args: list[str] | None = None) -> None:
     """Entry point of the ``lorae`` console script and ``python -m lorae``.
 
     The first argument picks a Lightning subcommand (``fit``, ``validate``, ``test``,
-    ``predict``) or one of lorae's own tools (:data:`lorae.tools.TOOLS`).
+    ``predict``) or one of lorae's own tools (:data:`lorae.cli.tools.TOOLS`).
     """
     argv = sys.argv[1:] if args is None else args
     try:

@@ -1,14 +1,13 @@
-"""``lorae export``: the adapters of a checkpoint as one ``.safetensors`` file.
-
-    lorae export --ckpt_path runs/x/checkpoints/last.ckpt --output adapters.safetensors
+"""``lorae export``: write a checkpoint's adapters to one ``.safetensors`` file.
 
 Works on full and adapter-only checkpoints (``model.checkpoint``). The file holds only what
 the ensemble adds to its frozen pretrained backbone (LoRA factors, heads, buffers such as
-snapshots or posterior factors; see :func:`lorae.adapters.adapter_state_dict`), plus metadata:
-the method's identity and config (JSON), the fingerprint of the frozen weights and the lorae
-version. Load it with :func:`lorae.adapters.load_adapters` (onto a method you built) or
-:func:`lorae.adapters.build_from_export` (rebuilds the method from the metadata). The file is
-written atomically and an existing one is replaced only with ``--force``.
+snapshots or posterior factors; see :func:`lorae.checkpoints.adapters.adapter_state_dict`),
+plus metadata: the method's identity and config (JSON), the fingerprint of the frozen weights
+and the lorae version. Load it with :func:`lorae.checkpoints.export.load_adapters` (onto a
+method you built) or :func:`lorae.checkpoints.export.build_from_export` (rebuilds the method
+from the metadata). The file is written atomically and an existing one is replaced only with
+``--force``.
 """
 
 from __future__ import annotations
@@ -16,7 +15,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from lorae.adapters import export_checkpoint, read_export, tensor_bytes
+from lorae.checkpoints.adapters import tensor_bytes
+from lorae.checkpoints.export import export_checkpoint, read_export
 
 __all__ = ["main"]
 

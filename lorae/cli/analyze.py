@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -31,10 +30,11 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from lorae.analysis.collect import collect_member_logits
-from lorae.analysis.diversity import disagreement_matrix, jensen_shannon_matrix, tsne_embedding
-from lorae.analysis.ensemble_size import first_k_log_probs
-from lorae.analysis.plots import (
+from lorae.analysis.embedding import tsne_embedding
+from lorae.analysis.weights import analyse_projection, diversity_score
+from lorae.errors import ConfigError, DataNotFoundError
+from lorae.evaluation.collect import collect_member_logits
+from lorae.evaluation.figures import (
     ensemble_size_figure,
     heatmap_figure,
     matplotlib_available,
@@ -43,9 +43,9 @@ from lorae.analysis.plots import (
     scatter_figure,
     singular_values_figure,
 )
-from lorae.analysis.report import write_table
-from lorae.analysis.weights import analyse_projection, diversity_score
-from lorae.errors import ConfigError, DataNotFoundError
+from lorae.evaluation.report import write_table
+from lorae.metrics.diversity import disagreement_matrix, jensen_shannon_matrix
+from lorae.metrics.ensemble_size import first_k_log_probs
 from lorae.metrics.functional import (
     expected_calibration_error,
     mutual_information,
@@ -135,44 +135,16 @@ def analyze_weights(
 
 
 def _build(configs: list[str], ckpt_path: str, overrides: list[str]) -> tuple[Any, Any]:
-    """The model (checkpoint loaded) and data module of a config, built like `lorae test`."""
-    from lorae.adapters import is_adapter_checkpoint
-    from lorae.cli import LoraeCLI
-    from lorae.data.base import ClassificationDataModule
-    from lorae.module import EnsembleClassifier
-    from lorae.training.checkpointing import load_checkpoint_safely
+    """The model (checkpoint loaded) and data module of a config, built like `lorae test`
+    (through the one :func:`~lorae.cli.main.build_cli`)."""
+    from lorae.checkpoints.safe import load_checkpoint_safely
+    from lorae.cli.main import build_cli
 
     if not Path(ckpt_path).is_file():
         raise DataNotFoundError(f"Checkpoint '{ckpt_path}' does not exist.")
-    checkpoint = load_checkpoint_safely(ckpt_path)
-    # A full checkpoint holds every weight, so the pretrained download is skipped; an
-    # adapter-only one needs the pretrained backbone it was trained on.
-    holds_every_weight = not is_adapter_checkpoint(checkpoint)
-
-    class _AnalyzeCLI(LoraeCLI):
-        def before_instantiate_classes(self) -> None:
-            init_args = self.config.model.method.get("init_args")
-            if (
-                holds_every_weight
-                and init_args is not None
-                and init_args.get("pretrained") not in (None, False)
-            ):
-                init_args.pretrained = False
-
     args = [a for c in configs for a in ("--config", c)] + overrides
-    argv, sys.argv = sys.argv, sys.argv[:1]  # LightningCLI warns when both are set
-    try:
-        cli = _AnalyzeCLI(
-            EnsembleClassifier,
-            ClassificationDataModule,
-            subclass_mode_data=True,
-            args=args,
-            run=False,
-            save_config_callback=None,
-            auto_configure_optimizers=False,
-        )
-    finally:
-        sys.argv = argv
+    cli = build_cli(args, run=False, load_from=ckpt_path, save_config=False)
+    checkpoint = load_checkpoint_safely(ckpt_path)
     cli.model.on_load_checkpoint(checkpoint)  # identity check; fills an adapter-only one
     cli.model.load_state_dict(checkpoint["state_dict"])
     return cli.model, cli.datamodule

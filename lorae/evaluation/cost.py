@@ -1,8 +1,8 @@
 """Compute-cost report (paper Tab. 9 and 22), measured during the run.
 
-:class:`ComputeCostMonitor` is attached by ``lorae fit`` and ``lorae test``; the CLI writes its
-:meth:`~ComputeCostMonitor.report` under ``"compute"`` in ``metrics.json``. Timings depend on the
-machine and its load; they are reported, never compared in tests.
+:class:`ComputeCostMeter` is driven by :class:`~lorae.evaluation.callback.TestProtocol`, which
+writes its :meth:`~ComputeCostMeter.report` under ``"compute"`` in ``metrics.json``. Timings
+depend on the machine and its load; they are reported, never compared in tests.
 """
 
 from __future__ import annotations
@@ -11,11 +11,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-import lightning.pytorch as pl
 import torch
 from torch import nn
 
-__all__ = ["ComputeCostMonitor", "parameter_counts"]
+__all__ = ["ComputeCostMeter", "parameter_counts"]
 
 
 def parameter_counts(module: nn.Module, num_members: int) -> dict[str, int | float]:
@@ -40,55 +39,45 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-class ComputeCostMonitor(pl.Callback):
+class ComputeCostMeter:
     """Measures training time per epoch and test time per sample.
 
-    - ``train_seconds_per_epoch``: wall time from ``on_train_epoch_start`` to
-      ``on_train_epoch_end`` (training steps only; validation is excluded), mean over epochs.
-    - ``inference_seconds_per_sample``: wall time of each test batch of the in-distribution
-      test split (forward pass and metric updates, after a device synchronisation), summed and
-      divided by the number of samples; the first batch is excluded as warm-up when there are
-      several.
+    - ``train_seconds_per_epoch``: wall time from :meth:`start_epoch` to :meth:`end_epoch`
+      (called at the start and end of the training epoch: training steps only, validation
+      excluded), mean over epochs.
+    - ``inference_seconds_per_sample``: wall time of each timed test batch of the
+      in-distribution test split (forward pass and metric updates, after a device
+      synchronisation), summed and divided by the number of samples; the first batch is
+      excluded as warm-up when there are several.
     """
 
     def __init__(self) -> None:
         self.epoch_seconds: list[float] = []
         self.batch_seconds: list[tuple[float, int]] = []
-        self._start = 0.0
+        self._epoch_start = 0.0
+        self._batch_start = 0.0
 
-    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._start = time.perf_counter()
+    def start_epoch(self) -> None:
+        """A training epoch starts."""
+        self._epoch_start = time.perf_counter()
 
-    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.epoch_seconds.append(time.perf_counter() - self._start)
+    def end_epoch(self) -> None:
+        """The training epoch started last ends."""
+        self.epoch_seconds.append(time.perf_counter() - self._epoch_start)
 
-    def on_test_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    def start_test(self) -> None:
+        """A test run starts: forget the batches of an earlier one."""
         self.batch_seconds = []
 
-    def on_test_batch_start(
-        self,
-        trainer: pl.Trainer,
-        pl_module: pl.LightningModule,
-        batch: Any,
-        batch_idx: int,
-        dataloader_idx: int = 0,
-    ) -> None:
-        _synchronize(pl_module.device)
-        self._start = time.perf_counter()
+    def start_batch(self, device: torch.device) -> None:
+        """A test batch starts (the device's queued work is waited for first)."""
+        _synchronize(device)
+        self._batch_start = time.perf_counter()
 
-    def on_test_batch_end(
-        self,
-        trainer: pl.Trainer,
-        pl_module: pl.LightningModule,
-        outputs: Any,
-        batch: Any,
-        batch_idx: int,
-        dataloader_idx: int = 0,
-    ) -> None:
-        if dataloader_idx != 0:
-            return
-        _synchronize(pl_module.device)
-        self.batch_seconds.append((time.perf_counter() - self._start, int(batch[1].shape[0])))
+    def end_batch(self, device: torch.device, num_samples: int) -> None:
+        """The test batch started last ends, after its forward pass and metric updates."""
+        _synchronize(device)
+        self.batch_seconds.append((time.perf_counter() - self._batch_start, num_samples))
 
     def report(self, module: nn.Module, num_members: int, checkpoint: str | None) -> dict[str, Any]:
         """Parameters, checkpoint size and the measured times (``None`` when not measured)."""

@@ -19,7 +19,6 @@ from __future__ import annotations
 import math
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -29,14 +28,14 @@ from lorae.metrics.functional import mutual_information
 
 __all__ = [
     "DiversityMetrics",
+    "check_member_logits",
     "disagreement_matrix",
     "jensen_shannon_matrix",
     "pairwise_jensen_shannon",
-    "tsne_embedding",
 ]
 
 
-def _check(logits: Tensor) -> None:
+def check_member_logits(logits: Tensor) -> None:
     if logits.ndim != 3:
         raise ValueError(f"Expected member logits (M, B, C), got shape {tuple(logits.shape)}.")
 
@@ -48,7 +47,7 @@ def pairwise_disagreement(logits: Tensor) -> Tensor:
         - logits: ``(M, B, C)``
         - output: ``(M, M, B)``, float, 0 on the diagonal.
     """
-    _check(logits)
+    check_member_logits(logits)
     prediction = logits.argmax(dim=-1)  # (M, B)
     return (prediction[:, None, :] != prediction[None, :, :]).to(torch.float64)
 
@@ -73,7 +72,7 @@ def pairwise_jensen_shannon(logits: Tensor, temperature: float = 1.0) -> Tensor:
         - logits: ``(M, B, C)``
         - output: ``(M, M, B)``, symmetric, zero diagonal, values in ``[0, 1]``.
     """
-    _check(logits)
+    check_member_logits(logits)
     probs = F.softmax(logits.double() / temperature, dim=-1)  # (M, B, C)
     self_term = torch.xlogy(probs, probs).sum(dim=-1)  # (M, B): sum p log p
     rows = []
@@ -94,42 +93,6 @@ def jensen_shannon_matrix(logits: Tensor, temperature: float = 1.0) -> Tensor:
         - output: ``(M, M)``
     """
     return pairwise_jensen_shannon(logits, temperature).mean(dim=-1)
-
-
-def tsne_embedding(
-    logits: Tensor, seed: int = 0, perplexity: float | None = None, max_samples: int = 2000
-) -> np.ndarray:
-    """2-D t-SNE (scikit-learn) of the members' predictions, one point per member.
-
-    Member ``i`` is represented by its softmax outputs over (at most ``max_samples``) samples,
-    flattened to one vector of length ``N * C``.
-
-    Args:
-        logits: member logits.
-        seed: random state of t-SNE.
-        perplexity: t-SNE perplexity; must be below ``M``. Default ``min(30, (M - 1) / 3)``,
-            at least 1.
-        max_samples: use the first samples only (t-SNE on long vectors is slow).
-
-    Raises:
-        ValueError: fewer than 3 members (nothing to embed).
-
-    Shape:
-        - logits: ``(M, N, C)``
-        - output: ``(M, 2)``
-    """
-    from sklearn.manifold import TSNE
-
-    _check(logits)
-    num_members = logits.shape[0]
-    if num_members < 3:
-        raise ValueError(f"A t-SNE of the members needs at least 3 members, got {num_members}.")
-    features = F.softmax(logits[:, :max_samples].double(), dim=-1).flatten(1).numpy()
-    if perplexity is None:
-        perplexity = max(1.0, min(30.0, (num_members - 1) / 3))
-    tsne = TSNE(n_components=2, perplexity=perplexity, random_state=seed, init="pca")
-    embedding: np.ndarray = tsne.fit_transform(features)
-    return embedding
 
 
 class DiversityMetrics(Metric):

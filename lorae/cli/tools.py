@@ -13,19 +13,19 @@ from collections.abc import Callable
 TOOLS: dict[str, tuple[str, str]] = {
     # name: ("module:function", one-line help shown by `lorae --help`)
     "analyze": (
-        "lorae.tools.analyze:main",
+        "lorae.cli.analyze:main",
         "diversity and weight-space analysis (numbers and plots) of a checkpoint",
     ),
     "aggregate": (
-        "lorae.tools.aggregate:main",
+        "lorae.cli.aggregate:main",
         "collect metrics.json of several runs into a mean ± std table (Markdown, CSV)",
     ),
     "crossval": (
-        "lorae.tools.crossval:main",
+        "lorae.cli.crossval:main",
         "train every fold (ESC-50) and evaluate the pooled held-out predictions",
     ),
     "export": (
-        "lorae.tools.export:main",
+        "lorae.cli.export:main",
         "write a checkpoint's adapters (not the frozen backbone) to one .safetensors file",
     ),
 }

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from lorae.errors import ConfigError
+from lorae.evaluation.result import ReliabilityCurve
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -23,6 +24,7 @@ __all__ = [
     "ensemble_size_figure",
     "heatmap_figure",
     "matplotlib_available",
+    "reliability_figure",
     "require_pyplot",
     "save_figure",
     "scatter_figure",
@@ -147,4 +149,62 @@ def scatter_figure(points: np.ndarray, labels: Sequence[str], title: str) -> Fig
     axes.set_title(title)
     axes.set_xticks([])
     axes.set_yticks([])
+    return figure
+
+
+def reliability_figure(bins: ReliabilityCurve, title: str = "Reliability diagram") -> Figure:
+    """Accuracy per confidence bin with the gap to the diagonal shaded, above a histogram of
+    the share of samples per bin (the layout of the paper's Fig. 5).
+
+    The extra bin of confidence exactly 1 is drawn together with the last bin.
+
+    Args:
+        bins: the bins of a :class:`~lorae.evaluation.result.VariantResult`.
+        title: figure title.
+    """
+    plt = require_pyplot()
+    count = np.asarray(bins.count, dtype=np.float64)
+    conf_sum = np.nan_to_num(np.asarray(bins.confidence, dtype=np.float64)) * count
+    correct = np.nan_to_num(np.asarray(bins.accuracy, dtype=np.float64)) * count
+    # Merge the "confidence == 1" bin into the last bin for display.
+    for array in (count, conf_sum, correct):
+        array[-2] += array[-1]
+    count, conf_sum, correct = count[:-1], conf_sum[:-1], correct[:-1]
+    n_bins = count.shape[0]
+    edges = np.linspace(0.0, 1.0, n_bins + 1)
+    centers = (edges[:-1] + edges[1:]) / 2
+    width = 1.0 / n_bins
+    filled = count > 0
+    accuracy = np.divide(correct, count, out=np.zeros_like(count), where=filled)
+    confidence = np.divide(conf_sum, count, out=centers.copy(), where=filled)
+
+    figure, (top, bottom) = plt.subplots(
+        2, 1, figsize=(4.2, 5.0), sharex=True, gridspec_kw={"height_ratios": [3, 1]}
+    )
+    top.bar(centers, accuracy, width=width, edgecolor="black", color="tab:blue", label="accuracy")
+    gap_low = np.minimum(accuracy, confidence)
+    gap_high = np.maximum(accuracy, confidence)
+    top.bar(
+        centers[filled],
+        (gap_high - gap_low)[filled],
+        bottom=gap_low[filled],
+        width=width,
+        color="tab:red",
+        alpha=0.35,
+        edgecolor="tab:red",
+        hatch="//",
+        label="gap to confidence",
+    )
+    top.plot([0, 1], [0, 1], "k--", linewidth=1, label="perfect calibration")
+    ece = bins.ece
+    top.set_title(f"{title}\nECE = {ece:.4f}")
+    top.set_ylabel("accuracy")
+    top.set_ylim(0, 1)
+    top.legend(loc="upper left", fontsize=8)
+    share = count / max(count.sum(), 1.0)
+    bottom.bar(centers, share, width=width, edgecolor="black", color="tab:gray")
+    bottom.set_xlabel("confidence (top-1 predictive probability)")
+    bottom.set_ylabel("share")
+    bottom.set_xlim(0, 1)
+    figure.tight_layout()
     return figure

@@ -25,7 +25,7 @@ from lorae.data import DigitsDataModule
 from lorae.data.base import EvaluationSet
 from lorae.evaluation.collect import collect_member_logits
 from lorae.metrics.functional import predictive_probs
-from tests.integration.tiny_configs import (
+from tests.fixtures.tiny_configs import (
     checkpoint_callback,
     digits_lora_config,
     write_config,

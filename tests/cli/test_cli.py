@@ -22,7 +22,7 @@ import yaml
 
 from lorae.cli import main
 from lorae.data import DigitsDataModule
-from tests.integration.tiny_configs import (
+from tests.fixtures.tiny_configs import (
     DIGITS_NUM_CLASSES,
     GLUE_N_DEV,
     IMAGE_CLASSES,

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from lorae.cli import main
-from tests.integration.tiny_configs import checkpoint_callback, digits_lora_config, write_config
+from tests.fixtures.tiny_configs import checkpoint_callback, digits_lora_config, write_config
 
 
 def trained_weights(tmp_path: Path, seed: int, name: str) -> dict[str, Tensor]:

@@ -21,8 +21,9 @@ from typing import Any
 import pytest
 
 from lorae.data import DigitsDataModule
-from tests.integration.test_methods_cli import METHODS
-from tests.integration.tiny_configs import digits_lora_config, digits_method_config, write_config
+from lorae.methods import METHODS, class_path
+from tests.cli.test_methods_cli import CASES
+from tests.fixtures.tiny_configs import digits_lora_config, digits_method_config, write_config
 
 pytestmark = pytest.mark.slow
 
@@ -152,11 +153,11 @@ def test_two_process_predict_writes_one_gathered_file(
     assert not list(tmp_path.glob("predictions*.csv"))[1:], "expected one prediction file"
 
 
-@pytest.mark.parametrize("name", list(METHODS))
+@pytest.mark.parametrize("name", list(CASES))
 def test_every_method_fits_and_tests_on_two_processes(name: str, tmp_path: Path) -> None:
     """Each method's parameters, buffers and callbacks work under DDP (2 epochs of 2 steps)."""
-    class_name, init_args, num_members = METHODS[name]
-    config = digits_method_config(class_name, init_args)
+    method, init_args, num_members = CASES[name]
+    config = digits_method_config(class_path(METHODS[method]), init_args)
     config["trainer"].update({"strategy": "ddp", "devices": 2, "deterministic": True})
     cfg = write_config(tmp_path / "config.in.yaml", config)
     lorae(

@@ -16,7 +16,7 @@ from lorae.checkpoints.safe import SafeCheckpointIO, load_checkpoint_safely
 from lorae.cli import main
 from lorae.errors import CheckpointReadError, UnsafeCheckpointError
 from lorae.training import RandomStateCheckpoint
-from tests.integration.tiny_configs import digits_lora_config, write_config
+from tests.fixtures.tiny_configs import digits_lora_config, write_config
 
 LORAE_SOURCE = Path(__file__).resolve().parents[2] / "lorae"
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -13,8 +12,8 @@ from lorae.cli import main
 from lorae.cli.main import build_cli
 from lorae.lora import LoRASpec, lora_layers
 from lorae.methods import METHODS, LoRAEnsemble, class_path
-from tests.integration.test_cli import check_test_metrics, only_file, read_metrics, run_cli_error
-from tests.integration.tiny_configs import checkpoint_callback, digits_method_config, write_config
+from tests.cli.test_cli import check_test_metrics, only_file, read_metrics, run_cli_error
+from tests.fixtures.tiny_configs import checkpoint_callback, digits_method_config, write_config
 
 TINY_LORA = {"rank": 2, "gain": 1.0}
 
@@ -50,11 +49,6 @@ CASES: dict[str, tuple[str, dict[str, Any], int]] = {
 def test_every_registered_method_has_a_case() -> None:
     covered = {method for method, _, _ in CASES.values()}
     assert covered == set(METHODS), f"add a case for {sorted(set(METHODS) - covered)}"
-
-
-@pytest.fixture(autouse=True)
-def _plain_argv(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(sys, "argv", ["lorae"])
 
 
 def _config(tmp_path: Path, name: str, **trainer: Any) -> Path:

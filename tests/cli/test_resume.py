@@ -1,7 +1,7 @@
 """Fault tolerance as a cluster job meets it: SIGKILL and SIGTERM partway, then resume.
 
 The interrupted runs are real ``python -m lorae fit`` subprocesses that receive a real signal
-at a known step (:class:`tests.integration.fault_callbacks.SignalAtStep`); the reference is
+at a known step (:class:`tests.fixtures.fault_callbacks.SignalAtStep`); the reference is
 the same config run without interruption. With ``--trainer.deterministic=true`` on the CPU the
 resumed run must end with bit-identical weights and optimizer state.
 """
@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from lorae.cli import main
-from tests.integration.tiny_configs import (
+from tests.fixtures.tiny_configs import (
     TIMM_DIGITS_OVERRIDES,
     digits_lora_config,
     write_config,
@@ -58,7 +58,7 @@ def resume_config(
     if fault is not None:
         callbacks.append(
             {
-                "class_path": f"tests.integration.fault_callbacks.{fault_class}",
+                "class_path": f"tests.fixtures.fault_callbacks.{fault_class}",
                 "init_args": fault,
             }
         )

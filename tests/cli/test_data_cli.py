@@ -27,7 +27,7 @@ from tests.fixtures.builders import (
     write_ham10000,
     write_svhn_test,
 )
-from tests.integration.tiny_configs import _lora, _model, quiet_trainer, write_config
+from tests.fixtures.tiny_configs import _lora, _model, quiet_trainer, write_config
 
 TINY_VIT = {"img_size": 16, "patch_size": 8, "embed_dim": 16, "depth": 2, "num_heads": 2}
 SMALL_IMAGES = {"image_size": 16, "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5]}

@@ -16,7 +16,7 @@ import torch
 from lorae.cli import main
 from lorae.errors import ConfigError
 from lorae.training import LabelRangeGuard
-from tests.integration.tiny_configs import (
+from tests.fixtures.tiny_configs import (
     IMAGE_CLASSES,
     checkpoint_callback,
     digits_lora_config,
@@ -40,7 +40,7 @@ def user_error(args: list[str], capsys: pytest.CaptureFixture[str]) -> str:
 
 
 def fault(name: str, **init_args: Any) -> dict[str, Any]:
-    return {"class_path": f"tests.integration.fault_callbacks.{name}", "init_args": init_args}
+    return {"class_path": f"tests.fixtures.fault_callbacks.{name}", "init_args": init_args}
 
 
 # ------------------------------------------------------------------------------ data files

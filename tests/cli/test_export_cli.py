@@ -23,8 +23,8 @@ from lorae.checkpoints.export import build_from_export, read_export
 from lorae.cli import main
 from lorae.lora import LoRASpec
 from lorae.methods import LoRAEnsemble
-from tests.integration.test_cli import read_metrics
-from tests.integration.tiny_configs import (
+from tests.cli.test_cli import read_metrics
+from tests.fixtures.tiny_configs import (
     DIGITS_NUM_CLASSES,
     TIMM_DIGITS_OVERRIDES,
     checkpoint_callback,

@@ -1,7 +1,7 @@
 """bf16-mixed precision (issue 6, item 5): ``lorae fit`` and ``lorae test`` with
 ``--trainer.precision bf16-mixed`` on CPU, and LoRA-Ensemble logits under bf16 autocast
 agreeing with float32 within a stated tolerance. (The layer-level bf16 test is in
-``tests/unit/test_lora_layers.py``; this one is the whole model and the command line.)
+``tests/lora/test_layers.py``; this one is the whole model and the command line.)
 """
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ from torch import nn
 from lorae.cli import main
 from lorae.lora import LoRASpec
 from lorae.methods import LoRAEnsemble
-from tests.integration.test_cli import check_test_metrics, only_file, read_metrics
-from tests.integration.tiny_configs import (
+from tests.cli.test_cli import check_test_metrics, only_file, read_metrics
+from tests.fixtures.tiny_configs import (
     TIMM_DIGITS_OVERRIDES,
     checkpoint_callback,
     digits_lora_config,

@@ -45,6 +45,30 @@ def _audio() -> tuple[Any, Any]:
     return soundfile, torchaudio
 
 
+def missing_wav_bytes(path: Path) -> int:
+    """How many bytes of audio a RIFF/WAVE file's ``data`` chunk declares beyond the end of
+    the file: 0 for a complete file, a non-WAV file, or a streamed one (size 0 or 2^32 - 1).
+
+    libsndfile reads a truncated WAV as a shorter clip without an error, so the reader
+    compares the header with the file itself.
+    """
+    with path.open("rb") as handle:
+        header = handle.read(12)
+        if len(header) < 12 or header[:4] != b"RIFF" or header[8:12] != b"WAVE":
+            return 0
+        size = path.stat().st_size
+        while True:
+            chunk = handle.read(8)
+            if len(chunk) < 8:
+                return 0
+            chunk_size = int.from_bytes(chunk[4:8], "little")
+            if chunk[:4] == b"data":
+                if chunk_size in (0, 0xFFFFFFFF):
+                    return 0
+                return max(0, handle.tell() + chunk_size - size)
+            handle.seek(chunk_size + chunk_size % 2, 1)  # chunks are word-aligned
+
+
 class LogMelFeatures:
     """WAV file -> normalised log-mel spectrogram, AST's ESC-50 preprocessing.
 
@@ -89,6 +113,13 @@ class LogMelFeatures:
                 f"Audio file '{path}' cannot be read: {error}. Replace it with the clip from "
                 f"{ESC50_URL}, or set skip_corrupt: true to leave unreadable clips out."
             ) from error
+        missing = missing_wav_bytes(path)
+        if missing:
+            raise CorruptSampleError(
+                f"Audio file '{path}' is truncated: its header declares {missing} more bytes of "
+                f"audio than the file holds. Replace it with the clip from {ESC50_URL}, or set "
+                "skip_corrupt: true to leave unreadable clips out."
+            )
         waveform = torch.from_numpy(data).mean(dim=1, keepdim=True).T
         if rate != self.sample_rate:
             waveform = self.torchaudio.functional.resample(waveform, rate, self.sample_rate)

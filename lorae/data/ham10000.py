@@ -9,13 +9,14 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from torch.utils.data import Dataset
 
 from lorae.data.base import ClassificationDataModule, TransformedDataset, split_indices
+from lorae.data.images import load_rgb_image
 from lorae.data.preprocessing import Preprocessing, image_input
 from lorae.data.transforms import ImageTransforms
-from lorae.errors import ConfigError, CorruptSampleError, DataNotFoundError
+from lorae.errors import ConfigError, DataNotFoundError
 
 __all__ = ["HAM10000_CLASSES", "HAM10000DataModule", "effective_number_weights"]
 
@@ -68,12 +69,7 @@ class _ImageFiles(Dataset[tuple[Image.Image, int]]):
         return len(self.paths)
 
     def __getitem__(self, index: int) -> tuple[Image.Image, int]:
-        path = self.paths[index]
-        try:
-            with Image.open(path) as image:
-                return image.convert("RGB"), self.labels[index]
-        except (OSError, UnidentifiedImageError) as error:
-            raise CorruptSampleError(f"Image '{path}' cannot be read: {error}") from error
+        return load_rgb_image(self.paths[index]), self.labels[index]
 
 
 class HAM10000DataModule(ClassificationDataModule):

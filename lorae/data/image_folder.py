@@ -6,16 +6,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from PIL import Image
 from torch.utils.data import Dataset, Subset
 from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS
 from torchvision.transforms import InterpolationMode, v2
 
 from lorae.data.base import ClassificationDataModule, TransformedDataset, split_indices
+from lorae.data.images import load_rgb_image
 from lorae.data.preprocessing import Preprocessing, image_input
 from lorae.data.transforms import ImageTransforms
-from lorae.errors import ConfigError, CorruptSampleError, DataNotFoundError
+from lorae.errors import ConfigError, DataNotFoundError
 
 __all__ = ["ImageFolderDataModule"]
 
@@ -47,19 +47,6 @@ def _class_folders(split_dir: Path) -> list[str]:
             f"folders.\n{_LAYOUT}"
         )
     return classes
-
-
-def load_rgb_image(path: str) -> Image.Image:
-    """Open an image file as RGB; an unreadable or truncated file raises
-    :class:`CorruptSampleError` naming it (instead of PIL's error without the path)."""
-    try:
-        with Image.open(path) as image:
-            return image.convert("RGB")
-    except (OSError, SyntaxError, ValueError) as error:  # PIL's errors for bad image data
-        raise CorruptSampleError(
-            f"Cannot read image '{path}': {type(error).__name__}: {error}. Replace or delete "
-            "the file, or set skip_corrupt: true to leave unreadable images out."
-        ) from error
 
 
 class ImageFolderDataModule(ClassificationDataModule):

@@ -7,12 +7,12 @@ import json
 from pathlib import Path
 from typing import Any
 
-from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset, Subset
 from torchvision.datasets import INaturalist
 from torchvision.datasets.inaturalist import DATASET_URLS
 
 from lorae.data.base import ClassificationDataModule, TransformedDataset, split_indices
+from lorae.data.images import load_rgb_image
 from lorae.data.preprocessing import Preprocessing, image_input
 from lorae.data.transforms import ImageTransforms
 from lorae.errors import ConfigError, CorruptSampleError, DataNotFoundError
@@ -28,14 +28,6 @@ _LAYOUT = (
     "  <root>/train2017.json, <root>/val2017.json              (optional official split, from "
     f"{ANNOTATIONS_URL})"
 )
-
-
-def _rgb_loader(path: str | Path) -> Image.Image:
-    try:
-        with Image.open(path) as image:
-            return image.convert("RGB")
-    except (OSError, UnidentifiedImageError) as error:
-        raise CorruptSampleError(f"Image '{path}' cannot be read: {error}") from error
 
 
 class INaturalist2017DataModule(ClassificationDataModule):
@@ -110,7 +102,7 @@ class INaturalist2017DataModule(ClassificationDataModule):
             raise DataNotFoundError(f"iNaturalist 2017 images not found in '{images}'.\n{_LAYOUT}")
         try:
             self.dataset = INaturalist(
-                str(self.root), version="2017", download=download, loader=_rgb_loader
+                str(self.root), version="2017", download=download, loader=load_rgb_image
             )
         except (RuntimeError, NotADirectoryError) as error:
             raise DataNotFoundError(

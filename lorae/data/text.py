@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import csv
 import sys
+from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -51,6 +53,13 @@ def _read_tsv(
     non-negative integer :class:`ConfigError`, each naming the file and line; with
     ``skip_corrupt`` such a row is left out and reported on stderr, with the count at the end.
     """
+    try:
+        return _read_rows(path, text_column, label_column, skip_corrupt)
+    except UnicodeDecodeError as error:
+        raise _not_utf8(path, error) from error
+
+
+def _read_rows(path: Path, text_column: str, label_column: str, skip_corrupt: bool) -> _Table:
     table = _Table(path=path, texts=[], labels=[], lines=[])
     skipped: list[int] = []
     with path.open(encoding="utf-8-sig", newline="") as f:
@@ -68,21 +77,23 @@ def _read_tsv(
                 f"{header}. Set text_column / label_column to the right names."
             )
         text_index, label_index = header.index(text_column), header.index(label_column)
-        for row in reader:
+        for row in _rows(reader, path):
             if not row:
                 continue
             line = reader.line_num
             problem = None
             error: type[LoraeError] = CorruptSampleError  # a truncated or malformed row
             label = -1
-            if len(row) <= max(text_index, label_index):
+            if len(row) != len(header):  # too few fields, or a tab inside the text
                 problem = (
                     f"'{path}' line {line} has {len(row)} tab-separated field(s) but the header "
-                    f"has {len(header)} ({header}). Each line needs one value per column."
+                    f"has {len(header)} ({header}). Each line needs exactly one value per "
+                    "column (a tab inside a text splits it)."
                 )
             else:
                 raw = row[label_index].strip()
-                label = int(raw) if raw.isdigit() else -1
+                # ASCII digits only: str.isdigit accepts '²', which int() refuses.
+                label = int(raw) if raw.isascii() and raw.isdigit() else -1
                 if label < 0:
                     error = ConfigError  # a label problem, like a label >= num_classes
                     problem = (
@@ -107,6 +118,40 @@ def _read_tsv(
             file=sys.stderr,
         )
     return table
+
+
+def _not_utf8(path: Path, error: UnicodeDecodeError) -> CorruptSampleError:
+    """The error for a text file that is not UTF-8, naming the first line that is not."""
+    line = 0
+    with path.open("rb") as handle:
+        for number, raw in enumerate(handle, start=1):
+            try:
+                raw.decode("utf-8")
+            except UnicodeDecodeError:
+                line = number
+                break
+    where = f" line {line}" if line else ""
+    byte = error.object[error.start]
+    return CorruptSampleError(
+        f"'{path}'{where} is not UTF-8 text ({error.reason}, byte {byte:#04x}). Save the "
+        "file as UTF-8, e.g. `iconv -f latin1 -t utf-8 in.tsv > out.tsv` for a "
+        "Latin-1 file."
+    )
+
+
+def _rows(reader: Any, path: Path) -> Iterator[list[str]]:
+    """The rows of a ``csv.reader``; a line the csv module refuses (e.g. a field over its size
+    limit) becomes a :class:`CorruptSampleError` naming the file and line."""
+    while True:
+        try:
+            row = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as error:
+            raise CorruptSampleError(
+                f"'{path}' line {reader.line_num} cannot be read as tab-separated text ({error})."
+            ) from error
+        yield row
 
 
 def _take(table: _Table, indices: list[int]) -> _Table:
@@ -140,12 +185,19 @@ def _download_sst2(root: Path) -> None:
 
 def _read_texts(path: Path, column: int, header: bool) -> list[str]:
     """Column ``column`` of every non-empty line of a tab-separated file (no quoting)."""
+    try:
+        return _read_column(path, column, header)
+    except UnicodeDecodeError as error:
+        raise _not_utf8(path, error) from error
+
+
+def _read_column(path: Path, column: int, header: bool) -> list[str]:
     texts: list[str] = []
     with path.open(encoding="utf-8-sig", newline="") as f:
         reader = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
         if header:
             next(reader, None)
-        for row in reader:
+        for row in _rows(reader, path):
             if not row:
                 continue
             if len(row) <= column:
@@ -183,6 +235,39 @@ def _load_tokenizer(name: str) -> PreTrainedTokenizerBase:
             "contains the tokenizer files (tokenizer.json and tokenizer_config.json, e.g. "
             "written by tokenizer.save_pretrained(folder))."
         ) from err
+
+
+def _inferred_classes(train: _Table) -> int:
+    """C inferred from the training labels (largest + 1), reported with the count per class.
+
+    Raises:
+        ConfigError: fewer than 2 classes, or a class below the largest label has no training
+            example (a stray label such as 5 among 0/1 would silently add empty classes); the
+            message names the line of the largest label and says to set ``num_classes``.
+    """
+    counts = Counter(train.labels)
+    num_classes = max(counts) + 1
+    if num_classes < 2:
+        raise ConfigError(
+            f"Training file '{train.path}' only has label 0; a classifier needs at least 2 "
+            "classes. Set num_classes explicitly."
+        )
+    empty = [c for c in range(num_classes) if c not in counts]
+    if empty:
+        top = max(counts)
+        line = train.lines[train.labels.index(top)]
+        raise ConfigError(
+            f"The labels of '{train.path}' imply {num_classes} classes (largest label {top}, "
+            f"line {line}), but class(es) {empty} have no training example. Fix the stray "
+            f"label, or set num_classes: {num_classes} if the classes are meant to exist."
+        )
+    summary = ", ".join(f"{c}: {counts[c]}" for c in range(num_classes))
+    print(
+        f"lorae: {num_classes} classes inferred from '{train.path}' (examples per class: "
+        f"{summary}); set num_classes to fix the number.",
+        file=sys.stderr,
+    )
+    return num_classes
 
 
 class _EncodedTextDataset(Dataset[tuple[dict[str, list[int]], int]]):
@@ -354,12 +439,7 @@ class TextClassificationDataModule(ClassificationDataModule):
             raise DataNotFoundError(f"Training file '{train.path}' has no data rows. {_GET_DATA}")
 
         if num_classes is None:
-            num_classes = max(train.labels) + 1
-            if num_classes < 2:
-                raise ConfigError(
-                    f"Training file '{train.path}' only has label 0; a classifier needs at "
-                    "least 2 classes. Set num_classes explicitly."
-                )
+            num_classes = _inferred_classes(train)
         elif isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
             raise ConfigError(f"num_classes must be an integer >= 2 or None, got {num_classes!r}.")
         self._num_classes = num_classes

@@ -14,6 +14,14 @@ projection the pretrained weight ``W0`` ``(D_out, D_in)`` and each member's effe
   threshold is an "intruder dimension" (Shuttleworth et al. 2024) and is counted in
   ``intruders``;
 - ``delta_singular_values``: singular values of ``W_i - W0`` (the scaled ``B_i A_i``);
+- as the paper shows them (appendix D: "Singular vectors corresponding to the top singular
+  values (16 are shown) are extracted and compared using cosine similarity ... averaged
+  across layers and ensemble members"; Fig. 3, 12-14): ``top_singular_values`` of every
+  member (``W_i``'s top k), and the k x k heatmaps ``pretrained_cosines`` (entry ``(a, b)``:
+  ``|cos(u0_a, ui_b)|``, mean over members; Fig. 13), ``member_cosines`` (``|cos(ui_a,
+  uj_b)|``, mean over member pairs ``i != j``; Fig. 3, 12) and ``delta_member_cosines`` (the
+  same for the singular vectors of the updates ``W_i - W0``, whose leading R are those of
+  ``B_i A_i``; Fig. 14);
 - :func:`diversity_score` (appendix E): one minus the mean pairwise Pearson correlation of the
   members' flattened value-projection updates ``W_i - W0``.
 """
@@ -30,6 +38,7 @@ __all__ = [
     "WeightSpaceReport",
     "analyse_projection",
     "diversity_score",
+    "mean_pair_cosines",
     "subspace_cosines",
     "subspace_similarity",
     "top_singular_vectors",
@@ -75,7 +84,8 @@ class WeightSpaceReport:
     Shapes: ``pretrained_similarity`` ``(M,)``, ``member_similarity`` ``(M, M)``,
     ``max_cosine_to_pretrained`` ``(M, k)``, ``intruders`` ``(M,)``,
     ``delta_singular_values`` ``(M, min(D_out, D_in))``,
-    ``pretrained_singular_values`` ``(min(D_out, D_in),)``.
+    ``pretrained_singular_values`` ``(min(D_out, D_in),)``, ``top_singular_values`` ``(M, k)``,
+    ``pretrained_cosines``, ``member_cosines``, ``delta_member_cosines`` ``(k, k)``.
     """
 
     pretrained_similarity: Tensor
@@ -84,6 +94,10 @@ class WeightSpaceReport:
     intruders: Tensor
     delta_singular_values: Tensor
     pretrained_singular_values: Tensor
+    top_singular_values: Tensor
+    pretrained_cosines: Tensor
+    member_cosines: Tensor
+    delta_member_cosines: Tensor
 
     def summary(self) -> dict[str, float]:
         """Scalars for a table: means over members (and member pairs ``i != j``)."""
@@ -97,8 +111,23 @@ class WeightSpaceReport:
         }
 
 
+def mean_pair_cosines(u: Tensor) -> Tensor:
+    """``|cos(u_i[:, a], u_j[:, b])|`` averaged over ordered member pairs ``i != j``.
+
+    Shape:
+        - u: ``(M, D, k)`` each member's singular vectors
+        - output: ``(k, k)`` (NaN for a single member)
+    """
+    m, k = u.shape[0], u.shape[-1]
+    if m < 2:
+        return torch.full((k, k), float("nan"), dtype=u.dtype)
+    cosines = subspace_cosines(u[:, None], u[None, :])  # (M, M, k, k)
+    off_diagonal = ~torch.eye(m, dtype=torch.bool)
+    return cosines[off_diagonal].mean(dim=0)
+
+
 def analyse_projection(
-    reference: Tensor, members: Tensor, k: int = 8, intruder_threshold: float = 0.5
+    reference: Tensor, members: Tensor, k: int = 16, intruder_threshold: float = 0.5
 ) -> WeightSpaceReport:
     """Weight-space numbers of one projection.
 
@@ -123,11 +152,12 @@ def analyse_projection(
     k = min(k, *reference.shape)
     u0_full, s0, _ = torch.linalg.svd(reference, full_matrices=False)
     u0 = u0_full[:, :k]
-    u_members = top_singular_vectors(members, k)  # (M, D_out, k)
+    u_all, s_members, _ = torch.linalg.svd(members, full_matrices=False)
+    u_members = u_all[..., :k]  # (M, D_out, k)
     pretrained_similarity = subspace_similarity(u0.expand_as(u_members), u_members)
     member_similarity = subspace_similarity(u_members[:, None], u_members[None, :])
     max_cosine = subspace_cosines(u0_full, u_members).amax(dim=-2)  # (M, k)
-    delta_sv = torch.linalg.svdvals(members - reference)
+    u_delta, delta_sv, _ = torch.linalg.svd(members - reference, full_matrices=False)
     return WeightSpaceReport(
         pretrained_similarity=pretrained_similarity,
         member_similarity=member_similarity,
@@ -135,6 +165,10 @@ def analyse_projection(
         intruders=(max_cosine < intruder_threshold).sum(dim=-1),
         delta_singular_values=delta_sv,
         pretrained_singular_values=s0,
+        top_singular_values=s_members[:, :k],
+        pretrained_cosines=subspace_cosines(u0, u_members).mean(dim=0),
+        member_cosines=mean_pair_cosines(u_members),
+        delta_member_cosines=mean_pair_cosines(u_delta[..., :k]),
     )
 
 

@@ -8,15 +8,23 @@ holds every weight, so no pretrained weights are downloaded; an adapter-only che
 chosen split, and writes:
 
 - ``analysis.json``: per-member and ensemble accuracy, the ensemble-size curve, the mean
-  disagreement, Jensen-Shannon divergence (bits) and mutual information (nats), their
-  pairwise matrices, the t-SNE coordinates, and per projection the weight-space numbers
-  (:mod:`lorae.analysis.weights`) and the appendix E diversity score;
+  disagreement, Jensen-Shannon divergence (bits; ``jsd_bits`` the paper's statistic between
+  the members' softmaxes aggregated over the samples, ``jsd_per_sample_bits`` the mean
+  per-sample one) and mutual information (nats), their pairwise matrices, the t-SNE
+  coordinates, per projection the weight-space numbers (:mod:`lorae.analysis.weights`: top-k
+  singular values, the k x k singular-vector cosine heatmaps of appendix D, k = ``--top_k``,
+  16 as in the paper) and the appendix E diversity score, and (when the run recorded one
+  with :class:`lorae.evaluation.WeightTrajectory`) the t-SNE of the weight trajectory;
 - ``weight_space.csv``: one row per projection (block.q/k/v/o) with the summary numbers;
 - ``ensemble_size.csv``;
 - figures (``--plots``, default when matplotlib is installed): ``disagreement.png``,
   ``jsd.png``, ``tsne.png`` (M >= 3), ``ensemble_size.png``, ``weight_similarity.png``
-  (member-vs-member subspace similarity, mean over projections), ``pretrained_similarity.png``
-  and ``delta_singular_values.png``.
+  (member-vs-member subspace similarity, mean over projections), ``pretrained_similarity.png``,
+  ``delta_singular_values.png``, ``singular_values.png`` (top-k singular values per
+  projection kind, pretrained and members), ``member_cosines_<q|k|v|o>.png`` (Fig. 3, 12),
+  ``pretrained_cosines_<q|k|v|o>.png`` (Fig. 13) and ``delta_cosines_<q|k|v|o>.png``
+  (Fig. 14), each the mean over layers; and ``weight_trajectory.png`` (Fig. 15) with a
+  trajectory.
 """
 
 from __future__ import annotations
@@ -31,6 +39,7 @@ import torch
 from torch import Tensor
 
 from lorae.analysis.embedding import tsne_embedding
+from lorae.analysis.trajectory import TRAJECTORY_FILE, load_trajectory, trajectory_embedding
 from lorae.analysis.weights import analyse_projection, diversity_score
 from lorae.errors import ConfigError, DataNotFoundError
 from lorae.evaluation.collect import collect_member_logits
@@ -44,7 +53,11 @@ from lorae.evaluation.figures import (
     singular_values_figure,
 )
 from lorae.evaluation.report import write_table
-from lorae.metrics.diversity import disagreement_matrix, jensen_shannon_matrix
+from lorae.metrics.diversity import (
+    disagreement_matrix,
+    jensen_shannon_matrix,
+    per_sample_jensen_shannon_matrix,
+)
 from lorae.metrics.ensemble_size import first_k_log_probs
 from lorae.metrics.functional import (
     expected_calibration_error,
@@ -52,7 +65,7 @@ from lorae.metrics.functional import (
     predictive_log_probs,
 )
 
-__all__ = ["analyze_logits", "analyze_weights", "main"]
+__all__ = ["analyze_logits", "analyze_trajectory", "analyze_weights", "main"]
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -67,7 +80,15 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--output_dir", required=True, type=Path, help="where to write")
     parser.add_argument("--split", choices=("test", "val"), default="test")
     parser.add_argument("--max_samples", type=int, default=2000, help="samples to run")
-    parser.add_argument("--top_k", type=int, default=8, help="singular vectors compared")
+    parser.add_argument(
+        "--top_k", type=int, default=16, help="singular vectors compared (paper: 16)"
+    )
+    parser.add_argument(
+        "--trajectory",
+        type=Path,
+        default=None,
+        help=f"a {TRAJECTORY_FILE} to draw (default: the one in the checkpoint's run folder)",
+    )
     parser.add_argument("--intruder_threshold", type=float, default=0.5)
     parser.add_argument("--seed", type=int, default=0, help="t-SNE random state")
     parser.add_argument(
@@ -86,6 +107,7 @@ def analyze_logits(logits: Tensor, target: Tensor, seed: int = 0) -> dict[str, A
     sizes = first_k_log_probs(logits)
     disagreement = disagreement_matrix(logits)
     jsd = jensen_shannon_matrix(logits)
+    jsd_per_sample = per_sample_jensen_shannon_matrix(logits)
     pairs = max(num_members * (num_members - 1), 1)
     result: dict[str, Any] = {
         "num_samples": int(target.shape[0]),
@@ -102,9 +124,11 @@ def analyze_logits(logits: Tensor, target: Tensor, seed: int = 0) -> dict[str, A
         ],
         "disagreement": float(disagreement.sum() / pairs),
         "jsd_bits": float(jsd.sum() / pairs),
+        "jsd_per_sample_bits": float(jsd_per_sample.sum() / pairs),
         "mutual_information_nats": float(mutual_information(logits).mean()),
         "disagreement_matrix": disagreement.tolist(),
         "jsd_matrix": jsd.tolist(),
+        "jsd_per_sample_matrix": jsd_per_sample.tolist(),
     }
     if num_members >= 3:
         result["tsne"] = tsne_embedding(logits, seed=seed).tolist()
@@ -124,6 +148,11 @@ def analyze_weights(
             "member_similarity_matrix": report.member_similarity.tolist(),
             "intruders_per_member": report.intruders.tolist(),
             "delta_singular_values": report.delta_singular_values[:, : 2 * top_k].tolist(),
+            "pretrained_top_singular_values": report.pretrained_singular_values[:top_k].tolist(),
+            "top_singular_values": report.top_singular_values.tolist(),
+            "pretrained_cosines": report.pretrained_cosines.tolist(),
+            "member_cosines": report.member_cosines.tolist(),
+            "delta_member_cosines": report.delta_member_cosines.tolist(),
         }
     result: dict[str, Any] = {"projections": projections}
     try:
@@ -132,6 +161,68 @@ def analyze_weights(
         result["diversity_score_v"] = None
         result["diversity_score_note"] = str(error)
     return result
+
+
+def analyze_trajectory(path: Path, seed: int = 0) -> dict[str, Any]:
+    """The t-SNE of a recorded weight trajectory, one embedding per layer (appendix D,
+    Fig. 15): point 0 is the pretrained weights, point ``1 + s*M + i`` member i at
+    snapshot s."""
+    saved = load_trajectory(path)
+    layers = {
+        key: trajectory_embedding(snapshots, seed).tolist()
+        for key, snapshots in saved["snapshots"].items()
+    }
+    return {
+        "file": str(path),
+        "projection": saved["projection"],
+        "epochs": list(saved["epochs"]),
+        "num_members": int(saved["num_members"]),
+        "layers": layers,
+    }
+
+
+def _trajectory_path(args: argparse.Namespace) -> Path | None:
+    if args.trajectory is not None:
+        if not args.trajectory.is_file():
+            raise DataNotFoundError(f"Trajectory file '{args.trajectory}' does not exist.")
+        path: Path = args.trajectory
+        return path
+    checkpoint = Path(args.ckpt_path).resolve()
+    for folder in (checkpoint.parent, checkpoint.parent.parent):
+        if (folder / TRAJECTORY_FILE).is_file():
+            return folder / TRAJECTORY_FILE
+    return None
+
+
+def _trajectory_figure(trajectory: dict[str, Any]) -> Any:
+    plt = require_pyplot()
+    layers = trajectory["layers"]
+    m, epochs = trajectory["num_members"], trajectory["epochs"]
+    columns = min(4, len(layers))
+    rows = -(-len(layers) // columns)
+    figure, axes = plt.subplots(rows, columns, figsize=(3.2 * columns, 3.0 * rows), squeeze=False)
+    colors = plt.get_cmap("tab20")
+    for axis, (key, coords) in zip(axes.flat, layers.items(), strict=False):
+        points = np.asarray(coords)
+        path = points[1:].reshape(len(epochs), m, 2)
+        for i in range(m):
+            axis.plot(path[:, i, 0], path[:, i, 1], "-o", ms=2, lw=0.8, color=colors(i % 20))
+        axis.scatter(*points[0], marker="*", s=120, color="black", zorder=3, label="pretrained")
+        axis.set_title(key, fontsize=8)
+        axis.set_xticks([])
+        axis.set_yticks([])
+    for axis in list(axes.flat)[len(layers) :]:
+        axis.set_visible(False)
+    figure.suptitle(f"t-SNE of member weights, epochs {epochs[0]}..{epochs[-1]} (star: pretrained)")
+    return figure
+
+
+def _mean_heatmaps(projections: dict[str, Any], field: str) -> dict[str, np.ndarray]:
+    """``field``'s k x k matrices averaged over layers, per projection kind (q, k, v, o)."""
+    kinds: dict[str, list[Any]] = {}
+    for key, values in projections.items():
+        kinds.setdefault(key.rsplit(".", 1)[-1], []).append(values[field])
+    return {kind: np.nanmean(np.asarray(found), axis=0) for kind, found in kinds.items()}
 
 
 def _build(configs: list[str], ckpt_path: str, overrides: list[str]) -> tuple[Any, Any]:
@@ -197,6 +288,31 @@ def _figures(result: dict[str, Any], out: Path) -> list[Path]:
             "Singular values of the member updates W_i - W_0 (= B_i A_i for LoRA)",
         )
         written.append(save_figure(figure, out / "delta_singular_values.png"))
+        spectra = {
+            f"{kind} pretrained": np.nanmean(
+                [p["pretrained_top_singular_values"] for k, p in projections.items()
+                 if k.endswith("." + kind)], axis=0,
+            )[None]
+            for kind in sorted({k.rsplit(".", 1)[-1] for k in projections})
+        }  # fmt: skip
+        for kind, spectrum in _mean_heatmaps(projections, "top_singular_values").items():
+            spectra[f"{kind} members"] = spectrum
+        figure = singular_values_figure(spectra, "Top singular values (mean over layers)")
+        written.append(save_figure(figure, out / "singular_values.png"))
+        titles = {
+            "member_cosines": ("member_cosines", "members i vs j"),
+            "pretrained_cosines": ("pretrained_cosines", "pretrained vs member"),
+            "delta_member_cosines": ("delta_cosines", "updates W_i - W0, members i vs j"),
+        }
+        for field, (name, what) in titles.items():
+            for kind, matrix in _mean_heatmaps(projections, field).items():
+                title = f"|cos| of top singular vectors, {what} ({kind}, mean over layers)"
+                axis = ("singular vector a", "singular vector b")
+                figure = heatmap_figure(matrix, title, axis_labels=axis)
+                written.append(save_figure(figure, out / f"{name}_{kind}.png"))
+    if "trajectory" in result:
+        figure = _trajectory_figure(result["trajectory"])
+        written.append(save_figure(figure, out / "weight_trajectory.png"))
     return written
 
 
@@ -228,6 +344,9 @@ def main(argv: list[str]) -> int:
         result["weights_note"] = str(error)
     else:
         result["weights"] = analyze_weights(weights, args.top_k, args.intruder_threshold)
+    trajectory = _trajectory_path(args)
+    if trajectory is not None:
+        result["trajectory"] = analyze_trajectory(trajectory, args.seed)
     out: Path = args.output_dir
     out.mkdir(parents=True, exist_ok=True)
     (out / "analysis.json").write_text(json.dumps(result, indent=2) + "\n")
@@ -244,7 +363,8 @@ def main(argv: list[str]) -> int:
         written += _figures(result, out)
     print(
         f"{args.split}: {result['num_samples']} samples, accuracy {result['accuracy']:.4f}, "
-        f"disagreement {result['disagreement']:.4f}, JSD {result['jsd_bits']:.4f} bits, "
+        f"disagreement {result['disagreement']:.4f}, JSD {result['jsd_bits']:.4f} bits "
+        f"(per sample {result['jsd_per_sample_bits']:.4f}), "
         f"MI {result['mutual_information_nats']:.4f} nats"
     )
     if "weights" in result:

@@ -19,6 +19,7 @@ from lorae.evaluation.result import (
     Variant,
     VariantResult,
 )
+from lorae.evaluation.trajectory import WeightTrajectory
 
 __all__ = [
     "Detection",
@@ -35,4 +36,5 @@ __all__ = [
     "Variant",
     "VariantEvaluation",
     "VariantResult",
+    "WeightTrajectory",
 ]

@@ -70,6 +70,7 @@ def heatmap_figure(
     title: str,
     labels: Sequence[str] | None = None,
     colorbar_label: str = "",
+    axis_labels: tuple[str, str] = ("member", "member"),
 ) -> Figure:
     """A square matrix (e.g. pairwise disagreement between members) as an annotated heat map.
 
@@ -84,8 +85,8 @@ def heatmap_figure(
     figure.colorbar(image, ax=axes, label=colorbar_label)
     axes.set_xticks(range(size), names)
     axes.set_yticks(range(size), names)
-    axes.set_xlabel("member")
-    axes.set_ylabel("member")
+    axes.set_xlabel(axis_labels[0])
+    axes.set_ylabel(axis_labels[1])
     axes.set_title(title)
     if size <= 12:
         for i in range(size):

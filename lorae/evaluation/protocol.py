@@ -85,7 +85,9 @@ class VariantEvaluation(nn.Module):
         self.test = EnsembleMetrics(num_classes, num_members, n_bins)
         self.reliability = ReliabilityBins(n_bins)
         self.size_curve = EnsembleSizeCurve(num_members, n_bins, self.temperature)
-        self.diversity = DiversityMetrics(num_members, self.temperature) if diversity else None
+        self.diversity = (
+            DiversityMetrics(num_members, num_classes, self.temperature) if diversity else None
+        )
         self._extra: list[OODMetrics | EnsembleMetrics] = [
             OODMetrics(self.temperature)
             if kind == "ood"
@@ -124,9 +126,11 @@ class VariantEvaluation(nn.Module):
             diversity = Diversity(
                 disagreement=float(values["disagreement"]),
                 jsd=float(values["jsd"]),
+                jsd_per_sample=float(values["jsd_per_sample"]),
                 mi=float(values["mi"]),
                 disagreement_matrix=_matrix(values["disagreement_matrix"], m),
                 jsd_matrix=_matrix(values["jsd_matrix"], m),
+                jsd_per_sample_matrix=_matrix(values["jsd_per_sample_matrix"], m),
             )
         sets: list[SetResult] = []
         for (name, _), metric in zip(self.sets, self._extra, strict=True):

@@ -1,7 +1,8 @@
 """Files ``lorae test`` writes next to ``metrics.json``: tables and figures of the evaluation.
 
 - ``ensemble_size.csv``: accuracy, ECE and NLL of the first ``k`` members, ``k = 1..M``;
-- ``diversity.json``: the pairwise disagreement and Jensen-Shannon matrices (``T = 1``);
+- ``diversity.json``: the pairwise disagreement and Jensen-Shannon matrices (the paper's
+  aggregated one and the per-sample one, ``T = 1``);
 - ``temperature_sweep.csv`` / ``.md``: the test metrics at every swept temperature (paper
   Tab. 17), when ``--temperature_sweep`` is given;
 - with plots: ``reliability.png`` (and ``reliability_calibrated.png`` after temperature
@@ -88,6 +89,7 @@ def write_test_artifacts(
         matrices = {
             "disagreement_matrix": [list(row) for row in diversity.disagreement_matrix],
             "jsd_matrix": [list(row) for row in diversity.jsd_matrix],
+            "jsd_per_sample_matrix": [list(row) for row in diversity.jsd_per_sample_matrix],
         }
         path = out_dir / "diversity.json"
         path.write_text(json.dumps(matrices, indent=2) + "\n")
@@ -115,7 +117,7 @@ def write_test_artifacts(
             np.asarray(diversity.disagreement_matrix), "Pairwise disagreement rate"
         )
         drawn["jsd"] = figures.heatmap_figure(
-            np.asarray(diversity.jsd_matrix), "Pairwise Jensen-Shannon divergence (bits)"
+            np.asarray(diversity.jsd_matrix), "Pairwise JSD of the aggregated softmaxes (bits)"
         )
     for name, figure in drawn.items():
         if tensorboard is not None:

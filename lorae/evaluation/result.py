@@ -39,7 +39,7 @@ CALIBRATED_PREFIX = "calibrated/"
 SWEEP_PREFIX = "temperature/"
 SCORE_NAMES = ("acc", "f1", "ece", "nll", "brier")
 CURVE_NAMES = ("acc", "ece", "nll")
-DIVERSITY_NAMES = ("disagreement", "jsd", "mi")
+DIVERSITY_NAMES = ("disagreement", "jsd", "jsd_per_sample", "mi")
 
 
 class TestStepOutput(TypedDict):
@@ -167,17 +167,22 @@ class Diversity:
     """Function-space diversity of the members (:class:`lorae.metrics.DiversityMetrics`).
 
     Attributes:
-        disagreement, jsd: mean over member pairs ``i != j``; mi: mean mutual information.
+        disagreement, jsd, jsd_per_sample: mean over member pairs ``i != j``; ``jsd`` is the
+            paper's statistic (section 4: softmax outputs "aggregat[ed] ... across all test
+            samples", then pairwise JSD), ``jsd_per_sample`` the mean over samples of the
+            per-sample JSD; mi: mean mutual information.
 
     Shape:
-        disagreement_matrix, jsd_matrix: ``(M, M)`` as nested tuples.
+        disagreement_matrix, jsd_matrix, jsd_per_sample_matrix: ``(M, M)`` as nested tuples.
     """
 
     disagreement: float
     jsd: float
+    jsd_per_sample: float
     mi: float
     disagreement_matrix: tuple[tuple[float, ...], ...]
     jsd_matrix: tuple[tuple[float, ...], ...]
+    jsd_per_sample_matrix: tuple[tuple[float, ...], ...]
 
 
 @dataclass(frozen=True)
@@ -312,9 +317,15 @@ def key_table(num_members: str = "M") -> str:
         ),
         (
             "`diversity/jsd`",
-            "Jensen-Shannon divergence between two members' softmaxes, in bits (base 2, in "
-            "`[0, 1]`), mean over samples and pairs; the divergence itself, not the square "
-            "root of a symmetric KL",
+            "the paper's statistic (section 4): each member's softmax outputs averaged over the "
+            "test samples, then the Jensen-Shannon divergence between two members' averages, "
+            "in bits (base 2, in `[0, 1]`), mean over pairs; the divergence itself, not the "
+            "square root of a symmetric KL",
+        ),
+        (
+            "`diversity/jsd_per_sample`",
+            "Jensen-Shannon divergence (bits) between two members' softmaxes on each sample, "
+            "mean over samples and pairs",
         ),
         (
             "`diversity/mi`",

@@ -1,7 +1,15 @@
-"""BatchEnsemble on the attention projections (paper appendix I.1) and BatchEnsemble++ (I.2)."""
+"""BatchEnsemble on the attention projections (paper appendix I.1) and BatchEnsemble++ (I.2).
+
+Initialisation follows appendix I.1: "The r and s vectors are initialized from a Gaussian
+distribution centered around 1, specifically r, s ~ N(1, σ²), where σ² controls the variance.
+We empirically set σ² = 0.02." and I.2 for BatchEnsemble++: "the r and s vectors are also
+initialized from a Gaussian distribution but centered around 0". ``init_variance`` is that σ²
+(standard deviation ``sqrt(0.02) ≈ 0.141``), the same for both variants.
+"""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any, Literal
 
@@ -23,9 +31,9 @@ class BatchEnsembleLinear(nn.Module):
     """A shared trainable projection ``W`` with rank-1 member factors ``r_i``, ``s_i``.
 
     ``"multiplicative"`` (BatchEnsemble, Wen et al. 2020; paper appendix I.1):
-    ``W_i = W ∘ (r_i s_iᵀ)``, i.e. ``y = ((x ∘ s_i) Wᵀ) ∘ r_i + b``, with ``r, s ~ N(1, std²)``.
+    ``W_i = W ∘ (r_i s_iᵀ)``, i.e. ``y = ((x ∘ s_i) Wᵀ) ∘ r_i + b``, with ``r, s ~ N(1, σ²)``.
     ``"additive"`` (BatchEnsemble++, appendix I.2): ``W_i = W + r_i s_iᵀ``, i.e.
-    ``y = x Wᵀ + b + (x · s_i) r_i``, with ``r, s ~ N(0, std²)``. A fused q/k/v projection gets
+    ``y = x Wᵀ + b + (x · s_i) r_i``, with ``r, s ~ N(0, σ²)``. A fused q/k/v projection gets
     one ``(r, s)`` pair per part, exactly as three separate linears would.
 
     Args:
@@ -33,7 +41,8 @@ class BatchEnsembleLinear(nn.Module):
         parts: how many equal output parts ``base`` fuses (3 for a fused qkv, else 1).
         num_members: M.
         variant: ``"multiplicative"`` or ``"additive"``.
-        init_std: standard deviation of the factors' initialisation.
+        init_variance: σ², the variance of the factors' Gaussian initialisation (not its
+            standard deviation).
 
     Shape:
         - r: ``(M, P, D_part)``, s: ``(M, P, D_in)``
@@ -41,22 +50,23 @@ class BatchEnsembleLinear(nn.Module):
     """
 
     def __init__(
-        self, base: nn.Linear, parts: int, num_members: int, variant: Variant, init_std: float
+        self, base: nn.Linear, parts: int, num_members: int, variant: Variant, init_variance: float
     ) -> None:
         super().__init__()
         if variant not in ("multiplicative", "additive"):
             raise ConfigError(f"variant must be 'multiplicative' or 'additive', got {variant!r}.")
+        if init_variance < 0:
+            raise ConfigError(f"init_variance must be >= 0, got {init_variance}.")
+        std = math.sqrt(init_variance)
         self.base = base.requires_grad_(True)
         self.variant = variant
         self.parts = parts
         weight = base.weight
         part_dim = base.out_features // parts
         mean = 1.0 if variant == "multiplicative" else 0.0
-        self.r = nn.Parameter(
-            weight.new_empty(num_members, parts, part_dim).normal_(mean, init_std)
-        )
+        self.r = nn.Parameter(weight.new_empty(num_members, parts, part_dim).normal_(mean, std))
         self.s = nn.Parameter(
-            weight.new_empty(num_members, parts, base.in_features).normal_(mean, init_std)
+            weight.new_empty(num_members, parts, base.in_features).normal_(mean, std)
         )
 
     @property
@@ -103,8 +113,9 @@ class BatchEnsemble(BackboneMethod):
         backbone: a registered backbone name.
         num_members: M.
         variant: ``"multiplicative"`` (appendix I.1) or ``"additive"`` (appendix I.2).
-        init_std: standard deviation of ``r`` and ``s`` at initialisation (paper: 0.02
-            around 1 for the multiplicative variant; around 0 for the additive one).
+        init_variance: σ², the variance of ``r`` and ``s`` at initialisation: ``N(1, σ²)``
+            for the multiplicative variant, ``N(0, σ²)`` for the additive one (appendix I.1:
+            "We empirically set σ² = 0.02", i.e. a standard deviation of about 0.141).
         pretrained: ``True`` (download), ``False`` (random) or a local weights path.
         backbone_overrides: architecture arguments for the backbone constructor.
 
@@ -118,7 +129,7 @@ class BatchEnsemble(BackboneMethod):
         backbone: str,
         num_members: int = 16,
         variant: Variant = "multiplicative",
-        init_std: float = 0.02,
+        init_variance: float = 0.02,
         pretrained: Pretrained = True,
         backbone_overrides: Mapping[str, Any] | None = None,
     ) -> None:
@@ -127,7 +138,7 @@ class BatchEnsemble(BackboneMethod):
         self.backbone.requires_grad_(False)
 
         def build(base: nn.Linear, keys: tuple[str, ...], enabled: list[str]) -> nn.Module:
-            return BatchEnsembleLinear(base, len(keys), num_members, variant, init_std)
+            return BatchEnsembleLinear(base, len(keys), num_members, variant, init_variance)
 
         replace_projections(self.backbone.model, self.backbone.family, build, ATTENTION)
         self.head = EnsembleHead(num_members, self.backbone.feature_dim, num_classes)

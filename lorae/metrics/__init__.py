@@ -15,6 +15,7 @@ from lorae.metrics.diversity import (
     jensen_shannon_matrix,
     pairwise_disagreement,
     pairwise_jensen_shannon,
+    per_sample_jensen_shannon_matrix,
 )
 from lorae.metrics.ensemble_size import EnsembleSizeCurve, first_k_log_probs
 from lorae.metrics.functional import (
@@ -27,6 +28,7 @@ from lorae.metrics.functional import (
     predictive_entropy,
     predictive_log_probs,
     predictive_probs,
+    predictive_variance,
 )
 from lorae.metrics.ood import OODMetrics, ood_scores
 from lorae.metrics.reliability import ReliabilityBins
@@ -52,7 +54,9 @@ __all__ = [
     "ood_scores",
     "pairwise_disagreement",
     "pairwise_jensen_shannon",
+    "per_sample_jensen_shannon_matrix",
     "predictive_entropy",
     "predictive_log_probs",
     "predictive_probs",
+    "predictive_variance",
 ]

@@ -25,6 +25,7 @@ __all__ = [
     "predictive_entropy",
     "predictive_log_probs",
     "predictive_probs",
+    "predictive_variance",
 ]
 
 
@@ -94,6 +95,26 @@ def predictive_probs(logits: Tensor, temperature: float | Tensor = 1.0) -> Tenso
         - output: ``(B, C)``
     """
     return predictive_log_probs(logits, temperature).exp()
+
+
+def predictive_variance(logits: Tensor, temperature: float | Tensor = 1.0) -> Tensor:
+    """The ensemble's predictive variance per class, paper Eq. 4:
+    ``Var[Y|X] ≈ 1/N Σ_i (T_θi(X) - E[Y|X])²`` with ``T_θi(X)`` member i's softmax and
+    ``E[Y|X]`` the predictive (their mean); the population variance (divided by M, not M - 1).
+
+    Args:
+        logits: Member logits.
+        temperature: Softmax temperature ``T`` applied to every member.
+
+    Raises:
+        ValueError: If ``logits`` is not 3-D.
+
+    Shape:
+        - logits: ``(M, B, C)``
+        - output: ``(B, C)``; 0 when all members agree
+    """
+    probs = _member_log_probs(logits, temperature).exp()  # (M, B, C)
+    return (probs - probs.mean(dim=0)).square().mean(dim=0)
 
 
 def member_cross_entropy(logits: Tensor, target: Tensor, weight: Tensor | None = None) -> Tensor:

@@ -253,7 +253,8 @@ def test_predict_writes_uncertainty_columns(trained: tuple[Path, Path], tmp_path
     table = pq.read_table(path).to_pydict()
     assert list(table) == [
         "index", "target", "pred", "entropy", "expected_entropy", "mutual_information",
-        *(f"prob_{c}" for c in range(10)), "member_pred_0", "member_pred_1", "member_pred_2",
+        *(f"prob_{c}" for c in range(10)), "variance", *(f"var_{c}" for c in range(10)),
+        "member_pred_0", "member_pred_1", "member_pred_2",
     ]  # fmt: skip
     n = len(table["index"])
     assert table["index"] == list(range(n))
@@ -307,8 +308,55 @@ def test_analyze_writes_numbers_and_figures(trained: tuple[Path, Path], tmp_path
     for name in (
         "disagreement.png", "jsd.png", "tsne.png", "ensemble_size.png", "weight_similarity.png",
         "pretrained_similarity.png", "delta_singular_values.png", "weight_space.csv",
+        "singular_values.png", "member_cosines_v.png", "pretrained_cosines_q.png",
+        "delta_cosines_k.png",
     ):  # fmt: skip
         assert (out / name).is_file(), name
+    # appendix D: top-k singular values and k x k singular-vector cosine heatmaps (k = 4 here)
+    values = projections["1.v"]
+    assert len(values["top_singular_values"]) == 3 and len(values["top_singular_values"][0]) == 4
+    assert len(values["member_cosines"]) == 4 and len(values["pretrained_cosines"][0]) == 4
+    # both Jensen-Shannon statistics (section 4 and per sample)
+    assert 0.0 <= result["jsd_bits"] <= 1.0 and 0.0 <= result["jsd_per_sample_bits"] <= 1.0
+    assert "trajectory" not in result  # this run recorded none
+
+
+def test_weight_trajectory_is_recorded_and_drawn(tmp_path: Path) -> None:
+    """fit with the WeightTrajectory callback (a CLI option) keeps the members' flattened
+    value-projection updates at epoch 0 and every epoch; `lorae analyze` draws their t-SNE."""
+    cfg = _config(tmp_path)
+    main(
+        [
+            "fit", "--config", str(cfg), "--seed_everything=0",
+            f"--trainer.default_root_dir={tmp_path / 'fit'}", "--trainer.max_epochs=2",
+            "--trainer.limit_train_batches=2", "--trainer.limit_val_batches=0",
+            "--trainer.callbacks+=lorae.evaluation.WeightTrajectory",
+            "--trainer.callbacks.every_n_epochs=1",
+        ]
+    )  # fmt: skip
+    found = sorted((tmp_path / "fit").rglob("weight_trajectory.pt"))
+    assert len(found) == 1, found
+    saved = torch.load(found[0], weights_only=True)
+    assert saved["epochs"] == [0, 1, 2] and saved["projection"] == "v"
+    assert sorted(saved["snapshots"]) == ["0.v", "1.v"]  # tiny ViT: 2 blocks
+    snapshots = saved["snapshots"]["1.v"]
+    assert snapshots.shape[:2] == (3, 3)  # 3 snapshots x 3 members
+    assert snapshots[0].abs().max() == 0  # LoRA's B = 0: the members start at W0
+    assert snapshots[2].abs().max() > 0  # ... and moved away from it
+    out = tmp_path / "analysis"
+    main(
+        [
+            "analyze", "--config", str(cfg), "--ckpt_path", str(tmp_path / "ckpt" / "last.ckpt"),
+            "--output_dir", str(out), "--max_samples", "50", "--top_k", "4",
+            "--trajectory", str(found[0]), "--plots", "true",
+            f"--data.class_path={DATA_CLASS}",
+        ]
+    )  # fmt: skip
+    result = json.loads((out / "analysis.json").read_text())
+    trajectory = result["trajectory"]
+    assert trajectory["epochs"] == [0, 1, 2] and trajectory["num_members"] == 3
+    assert len(trajectory["layers"]["1.v"]) == 1 + 3 * 3  # pretrained + snapshots x members
+    assert (out / "weight_trajectory.png").is_file()
 
 
 def test_aggregate_mean_and_std_over_seeds(

@@ -49,7 +49,8 @@ def _per_variant_keys(m: int, diversity: bool, temperature: bool) -> list[str]:
     keys += [f"ood/noise/{s}/{q}" for s in ("msp", "entropy", "mi") for q in ("auroc", "auprc")]
     keys += [f"shift/blur/1/{n}" for n in ("acc", "f1", "ece", "nll", "brier")]
     if diversity:
-        keys += ["diversity/disagreement", "diversity/jsd", "diversity/mi"]
+        keys += ["diversity/disagreement", "diversity/jsd", "diversity/jsd_per_sample"]
+        keys += ["diversity/mi"]
     if temperature:
         keys += ["temperature"]
     return keys
@@ -92,7 +93,7 @@ def test_flattened_keys_are_the_old_key_set() -> None:
     result, _ = _computed()
     values = result.log_values()
     assert set(values) == _expected_keys(M)
-    assert len(values) == 102
+    assert len(values) == 103  # + diversity/jsd_per_sample (issue 14, item 7)
     assert values["test/calibrated/temperature"] == 1.3
     assert values["test/temperature/0.5/temperature"] == 0.5
 
@@ -141,7 +142,15 @@ def _hand_made_result() -> TestResult:
 
     reliability = ReliabilityCurve((1.0, 0.0, 3.0), (0.2, math.nan, 0.9), (0.0, math.nan, 1.0), 0.1)
     curve = SizeCurve(acc=(0.7, 0.8), ece=(0.2, 0.1), nll=(0.9, 0.6))
-    diversity = Diversity(0.3, 0.05, 0.02, ((0.0, 0.3), (0.3, 0.0)), ((0.0, 0.05), (0.05, 0.0)))
+    diversity = Diversity(
+        disagreement=0.3,
+        jsd=0.05,
+        jsd_per_sample=0.07,
+        mi=0.02,
+        disagreement_matrix=((0.0, 0.3), (0.3, 0.0)),
+        jsd_matrix=((0.0, 0.05), (0.05, 0.0)),
+        jsd_per_sample_matrix=((0.0, 0.07), (0.07, 0.0)),
+    )
     sets = (OODResult("far", {"msp": Detection(0.9, 0.8)}), ShiftResult("blur", scores(0.4)))
     return TestResult(
         (
@@ -171,6 +180,7 @@ def test_report_files_are_written_from_the_typed_result(tmp_path: Path) -> None:
     assert matrices == {
         "disagreement_matrix": [[0, 0.3], [0.3, 0]],
         "jsd_matrix": [[0, 0.05], [0.05, 0]],
+        "jsd_per_sample_matrix": [[0, 0.07], [0.07, 0]],
     }
     with (tmp_path / "temperature_sweep.csv").open() as handle:
         sweep = list(csv.DictReader(handle))

@@ -19,8 +19,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 
+from lorae.cli.compose import load_composed
 from lorae.lora import LoRASpec
 from lorae.methods import METHODS, EnsembleMethod, class_path
 
@@ -35,7 +35,7 @@ PAPER: dict[str, tuple[str, str]] = {
     "single_lora": ("Single network with LoRA", "Sec. 3, Eq. 3 with M = 1"),
     "lora_ensemble": ("LoRA-Ensemble", "Sec. 3, Eq. 3: W_i = W_0 + B_i A_i"),
     "explicit_ensemble": ("Explicit Ensemble", "Sec. 5; weight-noise init App. O"),
-    "mc_dropout": ("MC Dropout", "Sec. 5 (Gal and Ghahramani 2016)"),
+    "mc_dropout": ("MC Dropout", "Sec. 4, App. T: DropKey (Li et al. 2023)"),
     "batch_ensemble": ("BatchEnsemble", "App. I.1: W_i = W ∘ (r_i s_iᵀ)"),
     "batch_ensemble_pp": ("BatchEnsemble++", "App. I.2: W_i = W + r_i s_iᵀ"),
     "snapshot_ensemble": ("Snapshot Ensemble", "App. U (cyclic cosine, M snapshots)"),
@@ -46,7 +46,7 @@ PAPER: dict[str, tuple[str, str]] = {
 
 def method_spec(config: Path) -> dict[str, Any]:
     """The ``model.method`` entry of a config (``class_path``, ``init_args``)."""
-    spec: dict[str, Any] = yaml.safe_load(config.read_text())["model"]["method"]
+    spec: dict[str, Any] = load_composed(config)["model"]["method"]  # with its base.yaml
     return spec
 
 
@@ -68,7 +68,7 @@ def configs_by_method() -> dict[str, list[Path]]:
     Raises:
         SystemExit: a registered method has no config, or a config has no :data:`PAPER` row.
     """
-    configs = sorted((ROOT / "configs" / "cifar100").glob("*.yaml"))
+    configs = sorted(p for p in (ROOT / "configs" / "cifar100").glob("*.yaml") if p.stem != "base")
     untitled = [c.name for c in configs if c.stem not in PAPER]
     if untitled:
         raise SystemExit(f"method_table.py: add a PAPER row for {untitled}")

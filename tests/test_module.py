@@ -112,8 +112,10 @@ def test_checkpoint_identity_is_saved_and_checked() -> None:
         "num_members": 2,
         "num_classes": C,
         "backbone": "vit_tiny_patch16_224",
+        "backbone_overrides": module.method.backbone_overrides,
         "rank": 2,
     }
+    assert checkpoint["lorae"]["backbone_overrides"]  # the tiny test backbone has overrides
     _module(num_members=2).on_load_checkpoint(checkpoint)  # same settings: accepted
     with pytest.raises(CheckpointMismatchError, match="num_members: checkpoint 2, config 3"):
         _module(num_members=3).on_load_checkpoint(checkpoint)

@@ -137,17 +137,30 @@ class BackboneMethod(EnsembleMethod):
         self.num_classes = num_classes
         self.num_members = num_members
         self.backbone_name = backbone
+        self.backbone_overrides = dict(backbone_overrides or {})
         self.backbone = create_backbone(backbone, pretrained, backbone_overrides)
 
     def identity(self) -> dict[str, Any]:
-        return {**super().identity(), "backbone": self.backbone_name}
+        """Adds the backbone and, when set, its architecture overrides (another
+        ``embed_dim`` or ``depth`` is another network: the check names the override)."""
+        identity = {**super().identity(), "backbone": self.backbone_name}
+        if self.backbone_overrides:
+            identity["backbone_overrides"] = self.backbone_overrides
+        return identity
 
 
-def describe_mismatch(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
-    """Lines ``key: checkpoint X, config Y`` for every setting that differs."""
-    keys = sorted(set(saved) | set(current))
-    return [
-        f"{key}: checkpoint {saved.get(key)!r}, config {current.get(key)!r}"
-        for key in keys
-        if saved.get(key) != current.get(key)
-    ]
+def describe_mismatch(
+    saved: Mapping[str, Any], current: Mapping[str, Any], prefix: str = ""
+) -> list[str]:
+    """Lines ``key: checkpoint X, config Y`` for every setting that differs; settings that
+    are mappings on both sides are compared entry by entry (``backbone_overrides.depth``)."""
+    lines: list[str] = []
+    for key in sorted(set(saved) | set(current)):
+        old, new = saved.get(key), current.get(key)
+        if old == new:
+            continue
+        if isinstance(old, Mapping) or isinstance(new, Mapping):
+            lines += describe_mismatch(old or {}, new or {}, f"{prefix}{key}.")
+        else:
+            lines.append(f"{prefix}{key}: checkpoint {old!r}, config {new!r}")
+    return lines

@@ -1,4 +1,25 @@
-"""FiLM-Ensemble for transformers (Turkoglu et al. 2022; paper appendix V)."""
+"""FiLM-Ensemble for transformers (Turkoglu et al. 2022; paper appendix V, Tab. 23).
+
+The paper, appendix V: "applying FiLM-Ensemble to transformers is not straightforward, mainly
+because transformers rely on LayerNorm, whereas FiLM-Ensemble was developed with BatchNorm in
+mind. [...] We explored several approaches to adapt LayerNorm, but the most effective results
+were achieved by fixing all affine parameters for each ensemble member. This allowed for slight
+initial variations to introduce randomness and diversity, while keeping the variation among
+members minimal."
+
+How lorae reads "fixing all affine parameters for each ensemble member": *all* LayerNorms'
+affine parameters (scale gamma and shift beta, the FiLM modulation of a normalisation layer)
+are *fixed per member*, i.e. each member owns its own copy of every LayerNorm's gamma and beta
+(instead of one shared set), and these member-specific affines train while all other backbone
+weights stay frozen and shared. Why this reading, and not "frozen at their pretrained values":
+with every affine frozen the members would differ only at initialisation and in their heads,
+and the next sentence, "This allowed for slight initial variations to introduce randomness and
+diversity", describes member-specific copies that start slightly apart: gamma_i = gamma +
+sigma eps, beta_i = beta + sigma eps' (``init_std`` = sigma), the random start of FiLM-Ensemble's
+per-member modulation. "keeping the variation among members minimal" is the small sigma. Each
+member has its own head, as in every ensemble here. ``configs/cifar10/film_ensemble_m{1,2,4}.yaml``
+are the three rows of Tab. 23.
+"""
 
 from __future__ import annotations
 

@@ -1,18 +1,45 @@
-"""Snapshot Ensemble (Huang et al. 2017) of a LoRA network (paper appendix U).
+"""Snapshot Ensemble (Huang et al. 2017) of a fully fine-tuned network (paper appendix U).
 
-Training runs ``burn_in`` epochs of ordinary training (warm-up, then cosine decay to zero),
-then the remaining epochs are split into ``M - 1`` equal cosine cycles that each restart at
-the base learning rate and anneal to zero. The burn-in is extended by whole epochs until
-the remaining epochs divide evenly. A snapshot of the trainable state is taken at the end of
-the burn-in and at the end of every cycle: M snapshots, the M members at test time.
+The paper, appendix U: "Snapshot Ensemble [...] in its pure form, consists of training a
+single model with cycling learning and taking snapshots every few epochs. [...] Therefore,
+Snapshot Ensemble was modified slightly, by first letting training run for a number of epochs,
+without any cycling of the learning rate. After this burn-in period the learning rate is at 0
+and a first snapshot is taken. The remaining number of epochs is split evenly. If the remaining
+number of epochs is not divisible by the desired number of ensemble members, the burn-in period
+is extended until it is. For the HAM10000 dataset training is left at 65 epochs, with 20
+burn-in epochs. For CIFAR-10 and CIFAR-100 [...] training is extended to 30 epochs with a
+burn-in period of 15 epochs."
+
+What is snapshotted: the fully fine-tuned network (all backbone weights and the head), the
+network of the paper's "Single Network" baseline. The paper's Tab. 1 Snapshot row sits with
+full fine-tuning, not with LoRA, and its reference code snapshots the full ViT. Each snapshot
+is a complete copy of the network's weights, so M snapshots hold M backbones (for ViT-B/32 and
+M = 16 about 5.6 GB in float32, in memory and in every checkpoint): that cost is the method's
+nature, the price of "train 1, get M". ``lora: {...}`` instead snapshots a one-member LoRA
+network (only its adapters and head are trained and copied): lorae's own extension, not a
+baseline of the paper.
+
+Schedule: ``burn_in`` epochs of ordinary training (warm-up, then cosine decay to zero), then
+the remaining epochs split into ``M - 1`` equal cosine cycles that each restart at the base
+learning rate and anneal to zero; the burn-in is extended by whole epochs until the remaining
+epochs divide evenly. A snapshot is taken at the end of the burn-in and at the end of every
+cycle: M snapshots. (Appendix U's numbers confirm M - 1 cycles: 65 epochs, 20 burn-in and
+M = 16 leave 45 = 15 x 3 epochs, no extension; with M cycles 45 would not divide.)
 
 The method hands this schedule to the module through :meth:`SnapshotEnsemble.lr_schedule`
 (the module's ``lr_decay`` is then unused); the :class:`SnapshotTaker` callback (returned by
-:meth:`SnapshotEnsemble.callbacks`) only takes the snapshots, after the last optimizer step of
-each phase (before that epoch's validation, so ``ModelCheckpoint`` saves them). The snapshots
-are buffers of the method, so they are part of every checkpoint and ``lorae test --ckpt_path``
-evaluates the ensemble; on resume Lightning restores the schedule's position with the
-optimizer state.
+:meth:`SnapshotEnsemble.callbacks`) takes the snapshots after the last optimizer step of each
+phase (before that epoch's validation, so ``ModelCheckpoint`` saves them). The snapshots are
+buffers of the method, so they are part of every checkpoint; on resume Lightning restores the
+schedule's position with the optimizer state.
+
+Checkpoint selection is the final epoch: an ensemble exists only once all M snapshots are
+taken, so evaluating (test, predict, validate outside ``fit``, or a plain forward in eval mode)
+with fewer than M snapshots raises :class:`~lorae.errors.ConfigError`; the shipped configs keep
+``ModelCheckpoint`` without a monitor (the last epoch's checkpoint is the one tested). Only the
+validation that monitors training inside ``fit`` runs before that, with the missing members
+taken as the current weights. ``fast_dev_run`` (one step, nothing to cycle, no checkpoint)
+fills all M snapshots with the weights after its one step, so the smoke run can be tested.
 """
 
 from __future__ import annotations
@@ -29,9 +56,10 @@ from torch.func import functional_call
 from lorae.backbones.base import Inputs, Pretrained
 from lorae.errors import ConfigError
 from lorae.lora import LoRASpec
-from lorae.methods.base import repeat_members
-from lorae.methods.lora_ensemble import DEFAULT_LORA, LoRANetworkMethod
+from lorae.methods.base import EnsembleMethod
+from lorae.methods.lora_ensemble import LoRAEnsemble
 from lorae.methods.registry import register_method
+from lorae.methods.single import SingleNetwork
 from lorae.optim import LRLambda, TrainingSteps, warmup_decay
 
 
@@ -85,7 +113,8 @@ def snapshot_schedule(
 
 class SnapshotTaker(pl.Callback):
     """Takes the snapshots of a SnapshotEnsemble at the end of the burn-in and of each cycle
-    (the schedule itself comes from :meth:`SnapshotEnsemble.lr_schedule`)."""
+    (the schedule itself comes from :meth:`SnapshotEnsemble.lr_schedule`), and marks the one
+    evaluation that may run before all M exist: validation inside ``fit``."""
 
     def __init__(self, method: SnapshotEnsemble) -> None:
         self.method = method
@@ -93,7 +122,7 @@ class SnapshotTaker(pl.Callback):
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.fast_dev_run:  # type: ignore[attr-defined]
-            return  # one step: nothing to cycle; the members are the current weights
+            return  # one step: nothing to cycle (see on_train_end)
         steps_per_epoch = math.ceil(trainer.num_training_batches / trainer.accumulate_grad_batches)
         boundaries = self.method.snapshot_epochs(trainer.max_epochs)
         self.snapshot_steps = [epoch * steps_per_epoch for epoch in boundaries]
@@ -110,31 +139,50 @@ class SnapshotTaker(pl.Callback):
         if taken < len(self.snapshot_steps) and trainer.global_step == self.snapshot_steps[taken]:
             self.method.take_snapshot()
 
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.fast_dev_run:  # type: ignore[attr-defined]
+            while int(self.method.num_snapshots) < self.method.num_members:
+                self.method.take_snapshot()  # a smoke run: M copies of the one-step weights
+
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.method.monitoring = trainer.state.fn == "fit"
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.method.monitoring = False
+
 
 @register_method("snapshot_ensemble")
-class SnapshotEnsemble(LoRANetworkMethod):
-    """Members are snapshots of one LoRA network (a one-member :class:`LoRAEnsemble`) taken
-    along a cyclic learning-rate schedule (module docstring).
+class SnapshotEnsemble(EnsembleMethod):
+    """Members are M snapshots of one network taken along a cyclic learning-rate schedule
+    (paper appendix U; module docstring): by default the fully fine-tuned network of the
+    "Single Network" baseline (:class:`~lorae.methods.SingleNetwork`); with ``lora`` a
+    one-member LoRA network (:class:`~lorae.methods.LoRAEnsemble`), lorae's extension.
 
-    At evaluation all snapshots run batched, exactly like LoRA-Ensemble members: the stacked
-    snapshot factors and heads are passed to the network with ``functional_call``. Before all
-    M snapshots exist (validation during training, ``fast_dev_run``), the missing members are
-    the current weights.
+    At evaluation member i is the network with snapshot i's weights
+    (``torch.func.functional_call``, one pass per member: the members are different
+    backbones). Evaluation needs all M snapshots (module docstring).
 
     Args:
         num_classes: C (linked from the data module by the CLI).
         backbone: a registered backbone name.
         num_members: M, the number of snapshots.
-        burn_in_epochs: minimal burn-in; extended until the remaining epochs divide evenly.
-        lora: the LoRA network's options (:class:`~lorae.lora.LoRASpec`).
+        burn_in_epochs: minimal burn-in (paper: 15 of 30 epochs for CIFAR, 20 of 65 for
+            HAM10000); extended until the remaining epochs divide into M - 1 cycles.
+        lora: ``None`` (default, the paper's baseline): snapshot the fully fine-tuned network;
+            a :class:`~lorae.lora.LoRASpec`: snapshot a LoRA network's adapters and head
+            (lorae's extension).
         pretrained: ``True`` (download), ``False`` (random) or a local weights path.
         backbone_overrides: architecture arguments for the backbone constructor.
+
+    Raises:
+        ConfigError: evaluation with fewer than M snapshots (outside ``fit``'s validation).
 
     Shape:
         inputs ``(B, ...)`` -> logits ``(1, B, C)`` in training, ``(M, B, C)`` in evaluation
     """
 
     num_snapshots: Tensor
+    network: SingleNetwork | LoRAEnsemble
 
     def __init__(
         self,
@@ -142,22 +190,40 @@ class SnapshotEnsemble(LoRANetworkMethod):
         backbone: str,
         num_members: int = 16,
         burn_in_epochs: int = 1,
-        lora: LoRASpec = DEFAULT_LORA,
+        lora: LoRASpec | None = None,
         pretrained: Pretrained = True,
         backbone_overrides: Mapping[str, Any] | None = None,
     ) -> None:
+        super().__init__()
+        if num_members < 1:
+            raise ConfigError(f"num_members must be >= 1, got {num_members}.")
         if burn_in_epochs < 1:
             raise ConfigError(f"burn_in_epochs must be >= 1, got {burn_in_epochs}.")
-        super().__init__(num_classes, backbone, num_members, lora, pretrained, backbone_overrides)
+        self.num_classes = num_classes
+        self.num_members = num_members
         self.burn_in_epochs = burn_in_epochs
+        self.monitoring = False  # set by SnapshotTaker while fit's validation runs
+        if lora is None:
+            self.network = SingleNetwork(num_classes, backbone, pretrained, backbone_overrides)
+        else:
+            self.network = LoRAEnsemble(
+                num_classes,
+                backbone,
+                num_members=1,
+                lora=lora,
+                pretrained=pretrained,
+                backbone_overrides=backbone_overrides,
+            )
         self.snapshots = nn.Module()
         for name, param in self._trainable().items():
-            shape = (num_members, *param.shape[1:])
-            self.snapshots.register_buffer(_key(name), param.detach().new_zeros(shape))
+            self.snapshots.register_buffer(
+                _key(name), param.detach().new_zeros((num_members, *param.shape))
+            )
         self.register_buffer("num_snapshots", torch.zeros((), dtype=torch.long))
 
     def _trainable(self) -> dict[str, nn.Parameter]:
-        """The snapshotted state: every trainable tensor of the network (member axis first)."""
+        """The snapshotted state: every trainable tensor of the network (all its weights for
+        full fine-tuning; adapters and head for the LoRA extension)."""
         return {n: p for n, p in self.network.named_parameters() if p.requires_grad}
 
     def callbacks(self) -> list[pl.Callback]:
@@ -189,23 +255,34 @@ class SnapshotEnsemble(LoRANetworkMethod):
         if index >= self.num_members:
             raise RuntimeError(f"All {self.num_members} snapshots are already taken.")
         for name, param in self._trainable().items():
-            self.snapshots.get_buffer(_key(name))[index].copy_(param[0])
+            self.snapshots.get_buffer(_key(name))[index].copy_(param)
         self.num_snapshots += 1
 
     def forward(self, x: Inputs) -> Tensor:
         if self.training:
             return self.network(x)  # (1, B, C)
         taken, m = int(self.num_snapshots), self.num_members
-        members = {}
-        for name, param in self._trainable().items():
-            current = param.expand(m - taken, *param.shape[1:])
-            members[name] = torch.cat([self.snapshots.get_buffer(_key(name))[:taken], current])
-        backbone = {
-            n.removeprefix("backbone."): v for n, v in members.items() if n.startswith("backbone.")
+        if taken < m and not self.monitoring:
+            raise ConfigError(
+                f"This Snapshot Ensemble holds {taken} of its {m} snapshots: an ensemble exists "
+                "only after the last cycle. Evaluate the final checkpoint of a completed run "
+                "(last.ckpt; checkpoint selection for this method is the final epoch)."
+            )
+        members = []
+        for i in range(m):
+            if i < taken:
+                weights = {n: self.snapshots.get_buffer(_key(n))[i] for n in self._trainable()}
+                members.append(functional_call(self.network, weights, (x,)))
+            else:  # validation inside fit, before the last snapshot: the current weights
+                members.append(self.network(x))
+        return torch.cat(members)  # (M, B, C)
+
+    def identity(self) -> dict[str, Any]:
+        network = self.network.identity()
+        shared: dict[str, Any] = {
+            k: network[k] for k in ("backbone", "backbone_overrides") if k in network
         }
-        head = {n.removeprefix("head."): v for n, v in members.items() if n.startswith("head.")}
-        features = functional_call(self.network.backbone, backbone, (repeat_members(x, m),))
-        return functional_call(self.network.head, head, (features,))  # (M, B, C)
+        return {**super().identity(), **shared, "rank": network.get("rank")}
 
 
 def _key(name: str) -> str:

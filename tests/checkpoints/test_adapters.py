@@ -80,7 +80,7 @@ def _trained(kind: str, pretrained: Any, seed: int = 0, **options: Any) -> Ensem
             if param.requires_grad:
                 param.normal_(0, 0.3)
     if isinstance(method, SnapshotEnsemble):
-        for _ in range(2):  # 2 of 3 snapshots: members 0, 1 from buffers, member 2 current
+        for _ in range(3):  # all 3 snapshots (evaluation needs M), each of other weights
             method.take_snapshot()
             for param in method.parameters():
                 if param.requires_grad:

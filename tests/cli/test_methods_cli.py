@@ -36,7 +36,8 @@ CASES: dict[str, tuple[str, dict[str, Any], int]] = {
     "mc_dropout": ("mc_dropout", {"num_members": 3, "dropout": 0.2}, 3),
     "batch_ensemble": ("batch_ensemble", {"num_members": 2}, 2),
     "batch_ensemble_pp": ("batch_ensemble", {"num_members": 2, "variant": "additive"}, 2),
-    "snapshot": ("snapshot_ensemble", {"num_members": 2, "lora": TINY_LORA}, 2),
+    "snapshot": ("snapshot_ensemble", {"num_members": 2}, 2),  # full fine-tuning (appendix U)
+    "snapshot_lora": ("snapshot_ensemble", {"num_members": 2, "lora": TINY_LORA}, 2),
     "film": ("film_ensemble", {"num_members": 2}, 2),
     "bayes_lora": (
         "bayes_lora",
@@ -98,7 +99,7 @@ def test_checkpoint_test_after_a_short_fit(name: str, tmp_path: Path) -> None:
     fitted = check_test_metrics(read_metrics(only_file(fit_dir, "metrics.json")), members)
     last = tmp_path / "ckpt" / "last.ckpt"
     state = torch.load(last, map_location="cpu", weights_only=False)["state_dict"]
-    if name == "snapshot":
+    if name.startswith("snapshot"):
         assert int(state["method.num_snapshots"]) == members
     main(
         [
@@ -155,3 +156,34 @@ def test_bad_lora_option_is_a_clear_error(
     cfg = _config(tmp_path, "lora_ensemble")
     args = ["fit", "--config", str(cfg), f"--model.method.init_args.{option}"]
     assert message in run_cli_error([*args, "--trainer.fast_dev_run=true"], capsys)
+
+
+def test_snapshot_checkpoint_with_fewer_than_m_snapshots_cannot_be_tested(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Checkpoint selection for Snapshot Ensemble is the final epoch: a checkpoint saved
+    before the last cycle ends (here after epoch 1 of 3: 1 of 3 snapshots) is refused."""
+    _, init_args, _ = CASES["snapshot"]
+    config = digits_method_config(
+        class_path(METHODS["snapshot_ensemble"]), {**init_args, "num_members": 3}
+    )
+    config["trainer"]["callbacks"] = [checkpoint_callback(tmp_path / "ckpt")]
+    cfg = write_config(tmp_path / "config.yaml", config)
+    root = f"--trainer.default_root_dir={tmp_path / 'fit'}"
+    main(
+        [
+            "fit",
+            "--config",
+            str(cfg),
+            root,
+            "--trainer.max_epochs=3",
+            "--trainer.limit_train_batches=1",
+            "--trainer.limit_val_batches=1",
+            "--trainer.max_steps=1",
+        ]
+    )
+    last = tmp_path / "ckpt" / "last.ckpt"
+    state = torch.load(last, map_location="cpu", weights_only=False)["state_dict"]
+    assert int(state["method.num_snapshots"]) == 1
+    args = ["test", "--config", str(cfg), "--ckpt_path", str(last), root]
+    assert "holds 1 of its 3 snapshots" in run_cli_error(args, capsys)

@@ -163,6 +163,7 @@ def test_single_network_trains_everything() -> None:
         "num_members": 1,
         "num_classes": C,
         "backbone": name,
+        "backbone_overrides": dict(overrides),
     }
 
 

@@ -1,22 +1,22 @@
-"""Bayes-LoRA (paper appendix W): K-FAC Laplace posterior over LoRA factors."""
+"""Bayes-LoRA (paper appendix W): K-FAC Laplace over LoRA factors with the linearised
+predictive, cross-checked against the original implementation (PyPI ``bayesian-lora``)."""
 
 from __future__ import annotations
 
+import copy
+import inspect
+from types import SimpleNamespace
+
+import bayesian_lora
 import pytest
 import torch
 from torch import nn
+from torch.func import functional_call, jacrev
 
 from lorae.errors import ConfigError
-from lorae.lora import (
-    ATTENTION,
-    LoRAEnsembleFusedLinear,
-    LoRAEnsembleLinear,
-    LoRASpec,
-    Projection,
-    lora_layers,
-)
-from lorae.methods import BayesLoRA, kfac_factors, kron_sample
-from tests.fixtures.models import TINY_BACKBONES
+from lorae.lora import LoRAEnsembleLinear, LoRASpec, lora_layers
+from lorae.methods import BayesLoRA, kron_sample
+from tests.fixtures.models import TINY_BACKBONES, tiny_inputs
 
 C = 3
 
@@ -58,115 +58,189 @@ def test_kron_sample_covariance_is_the_kronecker_posterior() -> None:
     torch.testing.assert_close(_column_vec(samples).T.cov(), expected, rtol=0, atol=0.015)
 
 
-class _OneLayer(nn.Module):
-    def __init__(self, fused: bool) -> None:
+# ------------------------------------------------- cross-check against bayesian-lora (PyPI)
+
+#: Tiny BERT (the paper's SST-2 family: separate q, k, v, o), no dropout: the package computes
+#: its factors in train mode, lorae in eval mode; without dropout both are the same function.
+BERT_NAME, BERT_OVERRIDES = TINY_BACKBONES["hf_bert"]
+NO_DROPOUT = {"hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}
+RANK, N_KFAC, THRESHOLD, S2 = 2, 4, 8, 1e-2  # hidden 16 >= 8: the wide sides are low-rank
+
+
+class PeftStyleLoRA(nn.Module):
+    """One of lorae's one-member LoRA layers written as PEFT writes it (``lora_A``, ``lora_B``
+    ``nn.Linear`` modules), the form ``bayesian-lora`` hooks into."""
+
+    def __init__(self, layer: LoRAEnsembleLinear) -> None:
         super().__init__()
-        torch.manual_seed(0)
-        if fused:
-            base = nn.Linear(4, 6)
-            self.layer: LoRAEnsembleLinear = LoRAEnsembleFusedLinear(
-                base, ("q", "k", "v"), ("q", "v"), 1, LoRASpec(rank=2, gain=1.0)
-            )
-        else:
-            spec = LoRASpec(rank=2, alpha=3.0, gain=1.0)
-            self.layer = LoRAEnsembleLinear(nn.Linear(4, 6), 1, spec)
+        self.base, self.scale = layer.base, layer.scale
+        self.lora_A = nn.Linear(layer.A.shape[-1], layer.rank, bias=False)
+        self.lora_B = nn.Linear(layer.rank, layer.B.shape[1], bias=False)
         with torch.no_grad():
-            self.layer.B.normal_()
+            self.lora_A.weight.copy_(layer.A[0])
+            self.lora_B.weight.copy_(layer.B[0])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.base(x) + self.scale * self.lora_B(self.lora_A(x))
 
 
-@pytest.mark.parametrize("fused", [False, True])
-def test_kfac_is_exact_for_one_example(fused: bool) -> None:
-    """For one example the Fisher is ``vec(grad) vec(grad)^T`` = ``(a a^T) ⊗ (g g^T)``."""
-    model = _OneLayer(fused)
-    x, target = torch.randn(1, 4), torch.tensor([2])
-    factors = kfac_factors(model, model.layer, [(x, target)], fisher="empirical")["layer"]
-    loss = nn.functional.cross_entropy(model.layer(x), target, reduction="sum")
-    loss.backward()
-    layer = model.layer
-    assert layer.A.grad is not None and layer.B.grad is not None
-    grads = {"A": layer.A.grad[0].reshape(-1, 4)}
-    b_grads = layer.B.grad[0].unbind(0) if fused else [layer.B.grad[0]]
-    grads.update({f"B{p}": b for p, b in enumerate(b_grads)})
-    assert sorted(factors) == sorted(grads)
-    for block, grad in grads.items():
-        a, g = factors[block]
-        vec = grad.T.reshape(-1)
-        torch.testing.assert_close(torch.kron(a, g), torch.outer(vec, vec), rtol=1e-4, atol=1e-6)
+def _peft_mirror(network: nn.Module) -> nn.Module:
+    mirror = copy.deepcopy(network)
+    for name, layer in lora_layers(mirror).items():
+        parent, _, child = name.rpartition(".")
+        setattr(mirror.get_submodule(parent), child, PeftStyleLoRA(layer))
+    return mirror
 
 
-def _bayes(targets: tuple[Projection, ...] = ATTENTION, **kwargs: object) -> BayesLoRA:
-    name, overrides = TINY_BACKBONES["timm_vit"]
+def _bert_bayes(rows: str = "last") -> BayesLoRA:
     torch.manual_seed(0)
     model = BayesLoRA(
         C,
-        name,
-        lora=LoRASpec(rank=1, gain=1.0, targets=targets),
+        BERT_NAME,
+        num_members=4,
+        prior_variance=S2,
+        n_kfac=N_KFAC,
+        lr_threshold=THRESHOLD,
+        kfac_rows=rows,  # type: ignore[arg-type]
+        jacobian_batch=3,
+        lora=LoRASpec(rank=RANK, gain=1.0),
         pretrained=False,
-        backbone_overrides=overrides,
-        **kwargs,  # type: ignore[arg-type]
+        backbone_overrides={**BERT_OVERRIDES, **NO_DROPOUT},
     )
     with torch.no_grad():
         for layer in lora_layers(model).values():
-            layer.B.normal_(0, 0.1)
+            layer.B.normal_(0, 0.5)  # B = 0 would zero every gradient through the adapters
     return model.eval()
 
 
-def _batches(n: int = 3) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    generator = torch.Generator().manual_seed(5)
-    return [(torch.randn(4, 3, 16, 16, generator=generator), torch.arange(4) % C) for _ in range(n)]
+def _bert_batches() -> list[tuple[dict[str, torch.Tensor], torch.Tensor]]:
+    return [(tiny_inputs("hf_bert", 4, seed=s), torch.arange(4) % C) for s in range(3)]
 
 
-def test_posterior_samples_have_the_fitted_mean_and_covariance() -> None:
-    model = _bayes(num_members=4, targets=("o",), prior_precision=0.5)
-    model.fit_posterior(_batches())
-    assert bool(model.fitted)
-    name = "model.blocks.1.attn.proj"
-    layer = lora_layers(model.network.backbone)[name]
-    samples = model.sample_lora(0, 6000)
-    for block, drawn, mean in (
-        ("A", samples[f"{name}.A"], layer.A[0]),  # (S, R=1, 16)
-        ("B0", samples[f"{name}.B"], layer.B[0]),  # (S, 16, R=1)
-    ):
-        key = f"{name.replace('.', '__')}__{block}__"
-        a = model.posterior.get_buffer(key + "a").double()
-        g = model.posterior.get_buffer(key + "g").double()
-        assert a.abs().sum() > 0 and g.abs().sum() > 0
-        covariance = torch.linalg.inv(torch.kron(a, g) + 0.5 * torch.eye(a.shape[0] * g.shape[0]))
-        vec = _column_vec(drawn.double())
-        scale = covariance.diagonal().sqrt()
-        torch.testing.assert_close(
-            vec.mean(0), _column_vec(mean[None].double())[0], rtol=0, atol=float(0.1 * scale.max())
-        )
-        correlation = vec.T.cov() / torch.outer(scale, scale)
-        torch.testing.assert_close(
-            correlation, covariance / torch.outer(scale, scale), rtol=0, atol=0.1
-        )
+def test_factors_and_predictive_equal_the_bayesian_lora_package() -> None:
+    """Run lorae and ``bayesian-lora`` 0.0.6 (the paper's original implementation) on one tiny
+    BERT: Kronecker factors (low-rank ones compared as ``B B^T``), and the linearised
+    predictive's mean and covariance, agree to float32 rounding (rtol 1e-4)."""
+    model = _bert_bayes()
+    batches = _bert_batches()
+    model.fit_posterior(batches)  # Monte Carlo labels from Generator().manual_seed(0)
+    ours = model.factors()
+
+    mirror = _peft_mirror(model.network)
+    torch.manual_seed(0)  # the package draws its labels from the global generator
+    theirs = bayesian_lora.calculate_kronecker_factors(
+        mirror,
+        lambda m, batch: m(batch[0])[0],
+        batches,
+        n_kfac=N_KFAC,
+        lr_threshold=THRESHOLD,
+        target_module_keywords=["lora"],
+    )
+    mirror.eval()
+    layers = lora_layers(model.network.backbone)
+    assert len(theirs) == 2 * len(layers) > 0
+
+    def gram(factor: torch.Tensor, side: int) -> torch.Tensor:
+        low_rank = side >= THRESHOLD
+        assert factor.shape == ((side, N_KFAC) if low_rank else (side, side))
+        return (factor @ factor.T if low_rank else factor).double()
+
+    close = {"rtol": 1e-4, "atol": 1e-7}
+    nonzero = 0
+    for name in layers:
+        for block, module in (("A", "lora_A"), ("B0", "lora_B")):
+            (a, g), (pa, pg) = ours[name][block], theirs[f"backbone.{name}.{module}"]
+            torch.testing.assert_close(gram(a, a.shape[0]), gram(pa, pa.shape[0]), **close)
+            torch.testing.assert_close(gram(g, g.shape[0]), gram(pg, pg.shape[0]), **close)
+            nonzero += int(gram(g, g.shape[0]).abs().sum() > 0)
+    # The last token's query gets no gradient in the last block (only [CLS] is read there).
+    assert nonzero >= len(layers)
+
+    x = tiny_inputs("hf_bert", 5, seed=9)
+    mean, variance = model.linearised(x)
+    params = {n: p.detach() for n, p in mirror.named_parameters() if "lora" in n}
+    jacobian, their_mean = jacrev(
+        lambda p: (functional_call(mirror, p, (x,))[0],) * 2, has_aux=True
+    )(params)
+    chol = bayesian_lora.cholesky_decompose_small_factors(
+        copy.deepcopy(theirs), THRESHOLD, "cpu", torch.float32
+    )
+    their_variance = bayesian_lora.variance(
+        SimpleNamespace(input_ids=x["input_ids"]),
+        jacobian,
+        chol,
+        torch.tensor(S2),
+        C,
+        RANK,
+        N_KFAC,
+        "cpu",
+    )
+    torch.testing.assert_close(mean, their_mean, rtol=1e-5, atol=1e-6)
+    assert variance.shape == (5, C, C) and variance.diagonal(dim1=1, dim2=2).min() > 0
+    torch.testing.assert_close(variance.float(), their_variance, rtol=1e-4, atol=1e-8)
 
 
-def test_members_are_fixed_posterior_samples_and_checkpointable() -> None:
-    model = _bayes(num_members=5, member_chunk=2)
-    x = torch.randn(2, 3, 16, 16)
+def test_members_are_samples_of_the_linearised_predictive_and_checkpointable() -> None:
+    model = _bert_bayes()
+    x = tiny_inputs("hf_bert", 2, seed=3)
     with torch.no_grad():
         map_logits = model(x)
-    assert map_logits.shape == (5, 2, C)
-    torch.testing.assert_close(map_logits[0], map_logits[4])  # unfitted: the MAP
-    model.fit_posterior(_batches())
-    with torch.no_grad():
+    assert map_logits.shape == (4, 2, C)
+    torch.testing.assert_close(map_logits[0], map_logits[3])  # unfitted: the MAP
+    model.fit_posterior(_bert_batches())
+    with torch.no_grad(), torch.inference_mode():  # as Lightning's test loop
         logits = model(x)
-        assert logits.shape == (5, 2, C)
-        assert not torch.allclose(logits[0], logits[1])
-        torch.testing.assert_close(model(x), logits)  # same members on every call
-        # Chunking does not change the members.
-        model.member_chunk = 5
-        torch.testing.assert_close(model(x), logits)
-        fresh = _bayes(num_members=5, member_chunk=2)
-        fresh.load_state_dict(model.state_dict())
-        assert bool(fresh.fitted)
-        torch.testing.assert_close(fresh(x), logits)
+    assert logits.shape == (4, 2, C) and not torch.allclose(logits[0], logits[1])
+    torch.testing.assert_close(model(x), logits)  # the same members on every call
+    model.jacobian_batch = 1  # chunking the Jacobian does not change the result
+    torch.testing.assert_close(model(x), logits)
+    fresh = _bert_bayes()
+    fresh.load_state_dict(model.state_dict())
+    torch.testing.assert_close(fresh(x), logits)
+    # Many samples: their mean and covariance are the linearised predictive's.
+    mean, variance = model.linearised(x)
+    model.num_members = 20_000
+    samples = model.sample_logits(mean, variance).double()
+    scale = variance.diagonal(dim1=1, dim2=2).sqrt().max()
+    torch.testing.assert_close(samples.mean(0), mean.double(), rtol=0, atol=float(0.05 * scale))
+    for b in range(2):
+        torch.testing.assert_close(
+            samples[:, b].T.cov(), variance[b], rtol=0.05, atol=float(0.05 * scale**2)
+        )
+
+
+def test_kfac_rows_all_uses_every_token() -> None:
+    last, every = _bert_bayes("last"), _bert_bayes("all")
+    for model in (last, every):
+        model.fit_posterior(_bert_batches())
+    name = next(iter(lora_layers(last.network.backbone)))
+    a_last = last.factors()[name]["B0"][0]  # (R, R): mean over batches of summed outer products
+    a_all = every.factors()[name]["B0"][0]
+    assert not torch.allclose(a_last, a_all)
+    # "all" sums over 4 sequences x 7 tokens, "last" over 4 rows: the trace is larger.
+    assert float(a_all.trace()) > float(a_last.trace())
+
+
+def test_defaults_are_appendix_w() -> None:
+    model = _bert_bayes()
+    defaults = {
+        k: v.default
+        for k, v in inspect.signature(BayesLoRA.__init__).parameters.items()
+        if v.default is not inspect.Parameter.empty
+    }
+    assert defaults["num_members"] == 512 and defaults["prior_variance"] == 1e-3
+    assert defaults["n_kfac"] == 10 and defaults["kfac_rows"] == "last"
+    assert model.prior_variance == S2
 
 
 def test_bad_settings_are_config_errors() -> None:
-    with pytest.raises(ConfigError, match="prior_precision"):
-        _bayes(prior_precision=0.0)
-    with pytest.raises(ConfigError, match="fisher"):
-        _bayes(fisher="exact")
+    name, overrides = TINY_BACKBONES["timm_vit"]
+    common = {"pretrained": False, "backbone_overrides": overrides}
+    with pytest.raises(ConfigError, match="prior_variance"):
+        BayesLoRA(C, name, prior_variance=0.0, lora=LoRASpec(rank=2), **common)  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="rank side"):
+        BayesLoRA(C, name, lr_threshold=2, lora=LoRASpec(rank=2), **common)  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="last_blocks"):
+        BayesLoRA(C, name, lora=LoRASpec(rank=2, last_blocks=0), **common)  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="kfac_rows"):
+        BayesLoRA(C, name, kfac_rows="first", lora=LoRASpec(rank=2), **common)  # type: ignore[arg-type]

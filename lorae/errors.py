@@ -43,3 +43,8 @@ class CheckpointReadError(LoraeError, ValueError):
 
 class NonFiniteLossError(LoraeError, FloatingPointError):
     """The training loss became NaN or infinite."""
+
+
+class OutputExistsError(LoraeError, FileExistsError):
+    """An output file exists and replacing it was not asked for; the message names the option
+    that allows it."""

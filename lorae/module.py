@@ -36,6 +36,7 @@ from lorae.metrics import (
     mutual_information,
     predictive_entropy,
     predictive_log_probs,
+    predictive_variance,
 )
 from lorae.optim import LRDecay, TrainingSteps, warmup_decay
 from lorae.training import default_callbacks
@@ -156,9 +157,10 @@ class EnsembleClassifier(pl.LightningModule):
         return {"logits": logits, "target": target}
 
     def predict_step(self, batch: Batch, batch_idx: int) -> dict[str, Tensor]:
-        """Per-sample uncertainty: predictive probabilities ``(B, C)``; predicted class, total
-        predictive entropy, expected member entropy (aleatoric) and mutual information
-        (epistemic) ``(B,)``; each member's predicted class ``(B, M)``."""
+        """Per-sample uncertainty: predictive probabilities and their variance over the members
+        (paper Eq. 4, per class) ``(B, C)``; predicted class, total predictive entropy,
+        expected member entropy (aleatoric) and mutual information (epistemic) ``(B,)``; each
+        member's predicted class ``(B, M)``."""
         inputs, target = batch
         logits = self(inputs).double()  # float64: the entropy decomposition holds to 1e-12
         log_probs = predictive_log_probs(logits)
@@ -169,6 +171,7 @@ class EnsembleClassifier(pl.LightningModule):
             "expected_entropy": expected_member_entropy(logits),
             "mutual_information": mutual_information(logits),
             "probs": log_probs.exp(),
+            "variance": predictive_variance(logits),
             "member_pred": logits.argmax(-1).T,
         }
 

@@ -34,7 +34,12 @@ from lorae.checkpoints.adapters import (
 )
 from lorae.checkpoints.atomic import atomic_path
 from lorae.checkpoints.safe import load_checkpoint_safely
-from lorae.errors import CheckpointMismatchError, CheckpointReadError, DataNotFoundError, LoraeError
+from lorae.errors import (
+    CheckpointMismatchError,
+    CheckpointReadError,
+    DataNotFoundError,
+    OutputExistsError,
+)
 from lorae.methods.base import EnsembleMethod, describe_mismatch
 
 __all__ = [
@@ -48,10 +53,6 @@ __all__ = [
 
 #: ``format`` metadata value of an export file.
 EXPORT_FORMAT = "lorae-adapters/1"
-
-
-class OutputExistsError(LoraeError, FileExistsError):
-    """The output file exists and overwriting was not asked for."""
 
 
 def _load_lorae_checkpoint(path: Path) -> dict[str, Any]:

@@ -21,7 +21,7 @@ from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.fabric.utilities.cloud_io import get_filesystem
 
 from lorae.checkpoints.atomic import atomic_path
-from lorae.errors import CheckpointReadError, UnsafeCheckpointError
+from lorae.errors import CheckpointReadError, DataNotFoundError, UnsafeCheckpointError
 
 __all__ = [
     "CheckpointReadError",
@@ -97,11 +97,14 @@ class SafeCheckpointIO(TorchCheckpointIO):
         """Load with ``weights_only=True`` whatever the caller asked for.
 
         Raises:
-            FileNotFoundError: ``path`` does not exist.
+            DataNotFoundError: ``path`` does not exist (a ``FileNotFoundError``).
             UnsafeCheckpointError: the file needs arbitrary unpickling.
         """
         if not get_filesystem(path).exists(path):
-            raise FileNotFoundError(f"Checkpoint file not found: {path}")
+            raise DataNotFoundError(
+                f"Checkpoint '{path}' does not exist: give --ckpt_path the path of a .ckpt file "
+                "written by `lorae fit` (to resume, `--ckpt_path last` finds the newest one)."
+            )
         loaded = load_checkpoint_safely(path, map_location)
         if not isinstance(loaded, dict):
             raise CheckpointReadError(

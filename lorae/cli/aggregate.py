@@ -132,9 +132,12 @@ def main(argv: list[str]) -> int:
     reports = []
     for path in paths:
         try:
-            reports.append(json.loads(path.read_text()))
-        except json.JSONDecodeError as error:
-            raise ConfigError(f"'{path}' is not valid JSON ({error}).") from error
+            reports.append(json.loads(path.read_text(encoding="utf-8")))
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            raise ConfigError(
+                f"'{path}' is not a metrics.json file written by `lorae test` (not valid UTF-8 "
+                f"JSON: {error}); remove it from the paths or regenerate it."
+            ) from error
     rows = aggregate(reports, args.metrics, args.group_by)
     table = _markdown(rows, args.metrics, args.digits)
     print(f"{len(paths)} runs\n\n{table}", end="")

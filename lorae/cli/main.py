@@ -22,7 +22,6 @@ from lightning.pytorch.cli import (
     ArgsType,
     LightningArgumentParser,
     LightningCLI,
-    SaveConfigCallback,
 )
 from lightning.pytorch.plugins.io import CheckpointIO
 from lightning.pytorch.utilities.exceptions import SIGTERMException
@@ -32,8 +31,10 @@ from lorae.backbones import backbone_preprocessing
 from lorae.checkpoints.adapters import is_adapter_checkpoint
 from lorae.checkpoints.safe import SafeCheckpointIO, load_checkpoint_safely
 from lorae.cli import tools
+from lorae.cli.compose import expand_config_args
+from lorae.cli.run_checks import FreshConfigFile, checkpoint_to_evaluate
 from lorae.data.base import ClassificationDataModule
-from lorae.errors import ConfigError, LoraeError
+from lorae.errors import ConfigError, DataNotFoundError, LoraeError
 from lorae.evaluation.callback import TestProtocol
 from lorae.evaluation.outputs import PredictionWriter
 from lorae.module import EnsembleClassifier
@@ -62,6 +63,10 @@ def unknown_method_check(message: str) -> None:
     )
 
 
+#: ``--ckpt_path`` values that name no file but a checkpoint Lightning looks up.
+LIGHTNING_CHECKPOINT_NAMES = ("last", "best", "hpc", "registry")
+
+
 class LoraeCLI(LightningCLI):
     """LightningCLI with lorae's links, defaults and result files."""
 
@@ -81,7 +86,7 @@ class LoraeCLI(LightningCLI):
         super().__init__(
             EnsembleClassifier,
             ClassificationDataModule,
-            save_config_callback=SaveConfigCallback if save_config else None,
+            save_config_callback=FreshConfigFile if save_config else None,
             subclass_mode_data=True,
             trainer_defaults={"gradient_clip_val": 1.0},
             args=args,
@@ -148,7 +153,12 @@ class LoraeCLI(LightningCLI):
     def parse_arguments(self, parser: LightningArgumentParser, args: ArgsType) -> None:
         """Parse, then check that a ``--ckpt_path`` file loads as data only: LightningCLI reads
         it for hyperparameters before anything else, and its error would be a traceback.
-        An unknown ``model.method`` class is reported with the list of lorae's methods."""
+        An unknown ``model.method`` class is reported with the list of lorae's methods.
+        A ``--config`` file with a ``base:`` key is composed first (:mod:`lorae.cli.compose`)."""
+        if isinstance(args, list):
+            args = expand_config_args(args)
+        elif args is None:  # LightningCLI then reads sys.argv (and warns if given both)
+            sys.argv[1:] = expand_config_args(sys.argv[1:])
         # Every parser reports its own errors: the main one and each subcommand's, as
         # recorded by add_arguments_to_parser (LightningCLI calls it for each of them).
         parsers = [parser, *self._parsers]
@@ -168,6 +178,13 @@ class LoraeCLI(LightningCLI):
         ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else self.load_from
         if ckpt_path and Path(ckpt_path).is_file():
             self.adapter_checkpoint = is_adapter_checkpoint(load_checkpoint_safely(ckpt_path))
+        elif ckpt_path and ckpt_path not in LIGHTNING_CHECKPOINT_NAMES:
+            # Before anything is built or written: Lightning would fail after saving config.yaml.
+            raise DataNotFoundError(
+                f"Checkpoint '{ckpt_path}' does not exist: give --ckpt_path the path of a .ckpt "
+                "file written by `lorae fit`"
+                + (" (or `last` to resume from the newest one)." if subcommand == "fit" else ".")
+            )
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         """The trainer, with :class:`SafeCheckpointIO` (atomic writes, data-only loading)
@@ -227,6 +244,20 @@ class LoraeCLI(LightningCLI):
                 f"{self.model.num_classes} classes: give one weight per class or none."
             )
         self.model.class_weights = torch.tensor(explicit, dtype=torch.float32)
+
+    def _check_checkpoint(self) -> None:
+        assert self.subcommand is not None
+        ckpt_path = self.config[self.subcommand].get("ckpt_path")
+        checkpoint_to_evaluate(self.trainer, ckpt_path, self.subcommand)
+
+    def before_validate(self) -> None:
+        self._check_checkpoint()
+
+    def before_test(self) -> None:
+        self._check_checkpoint()
+
+    def before_predict(self) -> None:
+        self._check_checkpoint()
 
     def after_fit(self) -> None:
         if not self.config[self.subcommand].get("test_after_fit"):
@@ -300,9 +331,31 @@ def main(args: list[str] | None = None) -> None:
         # jsonargparse re-raises errors from building a subclass-typed argument (the data
         # module) as its own ValueError; the user's error is in the cause chain.
         cause: BaseException | None = error
-        while cause is not None and not isinstance(cause, LoraeError):
+        while cause is not None and not isinstance(cause, LoraeError | FileSystemError):
             cause = cause.__cause__
         if cause is None:
             raise
-        print(f"lorae: error: {cause}", file=sys.stderr)
+        message = str(cause) if isinstance(cause, LoraeError) else file_system_message(cause)
+        print(f"lorae: error: {message}", file=sys.stderr)
         raise SystemExit(2) from error
+
+
+#: Errors of the file system a run writes into (a folder under a regular file, no permission,
+#: a file where a folder must go): the user's to fix, so a message, not a traceback.
+FileSystemError = NotADirectoryError | PermissionError | FileExistsError | IsADirectoryError
+
+
+def file_system_message(error: OSError) -> str:
+    """One line naming the path and what is wrong with it."""
+    path = error.filename or "a path of the run"
+    reason = error.strerror or type(error).__name__
+    hint = {
+        NotADirectoryError: "a part of the path is a regular file, not a folder",
+        PermissionError: "this user may not write there",
+        FileExistsError: "a file is in the way of a folder",
+        IsADirectoryError: "a folder is where a file must be written",
+    }.get(type(error), "")
+    return (
+        f"cannot write '{path}': {reason}" + (f" ({hint})" if hint else "") + ". Choose another "
+        "folder (--trainer.default_root_dir, the logger's save_dir, --output ...) or fix this one."
+    )

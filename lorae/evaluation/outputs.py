@@ -18,7 +18,7 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 from torch import Tensor
 
 from lorae.checkpoints.atomic import atomic_path
-from lorae.errors import ConfigError
+from lorae.errors import ConfigError, OutputExistsError
 
 __all__ = ["PredictionWriter", "merge_rank_predictions", "prediction_columns", "write_metrics"]
 
@@ -65,6 +65,8 @@ def prediction_columns(
         "expected_entropy",
         "mutual_information",
         *(f"prob_{c}" for c in range(num_classes)),
+        "variance",
+        *(f"var_{c}" for c in range(num_classes)),
         *(f"member_pred_{m}" for m in range(num_members) if member_predictions),
     ]
 
@@ -84,6 +86,10 @@ class PredictionWriter(BasePredictionWriter):
     - ``mutual_information``: ``entropy - expected_entropy`` (epistemic part; 0 when all
       members agree);
     - ``prob_0`` ... ``prob_{C-1}``: the ensemble predictive probabilities;
+    - ``variance``: the ensemble's predictive variance of paper Eq. 4 summed over the classes
+      (the trace of the members' covariance; 0 when all members agree);
+    - ``var_0`` ... ``var_{C-1}``: that variance per class,
+      ``1/M sum_m (softmax(z_m)_c - p_c)^2`` (divided by M, as Eq. 4);
     - ``member_pred_0`` ... ``member_pred_{M-1}``: each member's predicted class (only with
       ``member_predictions``).
 
@@ -96,6 +102,9 @@ class PredictionWriter(BasePredictionWriter):
         format: ``"csv"``, ``"parquet"`` (needs pyarrow: ``pip install 'lorae[parquet]'``) or
             ``"auto"``: Parquet when ``output_path`` ends in ``.parquet``, else CSV.
         member_predictions: also write each member's predicted class.
+        overwrite: replace an existing ``output_path``; without it an existing file is an
+            error before anything is predicted (the file is always written atomically: a
+            killed run leaves the old file or the new one, never a part).
     """
 
     def __init__(
@@ -103,12 +112,25 @@ class PredictionWriter(BasePredictionWriter):
         output_path: str | None = None,
         format: PredictionFormat = "auto",
         member_predictions: bool = False,
+        overwrite: bool = False,
     ) -> None:
         super().__init__(write_interval="epoch")
         self.output_path = output_path
         self.format = format
         self.member_predictions = member_predictions
+        self.overwrite = overwrite
         self.written: Path | None = None
+
+    def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Refuse to replace an existing file the user did not ask to replace, before the
+        (possibly long) prediction runs."""
+        if self.output_path is None or self.overwrite or not Path(self.output_path).exists():
+            return
+        raise OutputExistsError(
+            f"'{self.output_path}' already exists: choose another "
+            "--prediction_writer.output_path, or give --prediction_writer.overwrite=true to "
+            "replace it."
+        )
 
     def _resolve_format(self) -> Literal["csv", "parquet"]:
         if self.format != "auto":
@@ -160,6 +182,9 @@ class PredictionWriter(BasePredictionWriter):
             columns[key] = table[key].astype(float).tolist()
         for c in range(num_classes):
             columns[f"prob_{c}"] = table["probs"][:, c].astype(float).tolist()
+        columns["variance"] = table["variance"].sum(axis=1).astype(float).tolist()
+        for c in range(num_classes):
+            columns[f"var_{c}"] = table["variance"][:, c].astype(float).tolist()
         if self.member_predictions:
             for m in range(num_members):
                 columns[f"member_pred_{m}"] = table["member_pred"][:, m].astype(int).tolist()

@@ -221,6 +221,12 @@ def test_unknown_backbone_lists_the_known_ones(
     [
         ("lora.rank", "4", "rank: checkpoint 2, config 4"),
         ("backbone", "vit_small_patch16_224", "backbone: checkpoint 'vit_tiny_patch16_224'"),
+        # issue 19.5: was 62 lines of `size mismatch`
+        (
+            "backbone_overrides.embed_dim",
+            "32",
+            "backbone_overrides.embed_dim: checkpoint 16, config 32",
+        ),
     ],
 )
 def test_checkpoint_of_another_rank_or_backbone(

@@ -37,8 +37,13 @@ from tests.fixtures.tiny_configs import (
 )
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
+#: Every experiment config; a data set's base.yaml (the recipe its method files include) and
+#: configs/options/ (files added after an experiment's config) are not run alone.
 CONFIG_FILES = sorted(
-    p for pattern in ("*.yaml", "*.yml") for p in (REPO_ROOT / "configs").rglob(pattern)
+    p
+    for pattern in ("*.yaml", "*.yml")
+    for p in (REPO_ROOT / "configs").rglob(pattern)
+    if p.name != "base.yaml" and "options" not in p.relative_to(REPO_ROOT / "configs").parts
 )
 SUBCOMMANDS = ("fit", "validate", "test", "predict")
 
@@ -97,7 +102,8 @@ def read_predictions(path: Path, num_classes: int) -> list[dict[str, str]]:
     probs = [f"prob_{c}" for c in range(num_classes)]
     uncertainty = ["entropy", "expected_entropy", "mutual_information"]
     names = ["file"] if header and header[1] == "file" else []  # ImageFolder names its files
-    assert header == ["index", *names, "target", "pred", *uncertainty, *probs]
+    variances = ["variance", *(f"var_{c}" for c in range(num_classes))]
+    assert header == ["index", *names, "target", "pred", *uncertainty, *probs, *variances]
     for i, row in enumerate(rows):
         assert int(row["index"]) == i
         p = [float(row[c]) for c in probs]
@@ -106,6 +112,9 @@ def read_predictions(path: Path, num_classes: int) -> list[dict[str, str]]:
         assert int(row["pred"]) == max(range(num_classes), key=p.__getitem__), row
         entropy = float(row["entropy"])
         assert 0.0 <= entropy <= math.log(num_classes) + 1e-4, row
+        per_class = [float(row[f"var_{c}"]) for c in range(num_classes)]
+        assert all(v >= 0.0 for v in per_class), row  # Eq. 4: a variance per class
+        assert abs(sum(per_class) - float(row["variance"])) < 1e-9, row
     return rows
 
 
@@ -337,6 +346,21 @@ def test_shipped_config_parses(
 
 def test_configs_folder_is_not_empty() -> None:
     assert REPO_ROOT / "configs" / "quickstart.yaml" in CONFIG_FILES
+
+
+def test_option_file_selects_by_val_nll(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(REPO_ROOT)
+    paper = "configs/cifar100/lora_ensemble.yaml"
+    option = "configs/options/select_by_val_nll.yaml"
+    with pytest.raises(SystemExit):
+        main(["fit", "--config", paper, "--config", option, "--print_config"])
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["trainer"]["callbacks"][0]["init_args"]["monitor"] == "val/nll"
+    assert printed["data"]["init_args"]["val_fraction"] == 0.1
+    assert printed["data"]["class_path"] == "lorae.data.CIFAR100DataModule"
+    assert printed["model"]["method"]["init_args"]["num_members"] == 16
 
 
 # ------------------------------------------------------------------------ 5. clear errors

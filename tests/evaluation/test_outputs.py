@@ -135,3 +135,28 @@ def test_image_folder_names_its_test_files(tmp_path: Path, with_test_folder: boo
         split, label, _ = name.split("/")
         assert split == ("test" if with_test_folder else "train")
         assert dm.class_names.index(label) == target
+
+
+def test_predictive_variance_of_eq_4_per_class_and_summed(tmp_path: Path) -> None:
+    """Paper Eq. 4: Var[Y|X] = 1/N sum_i (T_i(X) - E[Y|X])^2 of the members' softmaxes, written
+    per class (``var_c``) and summed over the classes (``variance``)."""
+    logits, target = _logits(5, 12, 3, seed=4), torch.randint(0, 3, (12,))
+    logits[:, 0] = logits[0, 0]  # sample 0: all members agree, so no variance
+    writer = PredictionWriter()
+    writer.write_on_epoch_end(
+        _trainer(tmp_path), None, [_batch(logits, target)], [[list(range(12))]]
+    )  # type: ignore[arg-type]
+    assert writer.written is not None
+    with writer.written.open() as handle:
+        reader = csv.DictReader(handle)
+        rows = list(reader)
+    assert reader.fieldnames is not None
+    assert reader.fieldnames[-4:] == ["variance", "var_0", "var_1", "var_2"]
+    member_probs = torch.softmax(logits.double(), dim=-1).numpy()  # (M, B, C)
+    expected = member_probs.var(axis=0, ddof=0)  # divided by M, as Eq. 4
+    for i, row in enumerate(rows):
+        per_class = [float(row[f"var_{c}"]) for c in range(3)]
+        np.testing.assert_allclose(per_class, expected[i], rtol=1e-9, atol=1e-15)
+        assert float(row["variance"]) == pytest.approx(expected[i].sum(), rel=1e-9, abs=1e-15)
+    assert float(rows[0]["variance"]) < 1e-30  # float64 rounding of the mean only
+    assert max(float(r["variance"]) for r in rows) > 0.01

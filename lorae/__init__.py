@@ -4,6 +4,7 @@ Entry points: the ``lorae`` command (:mod:`lorae.cli`), the methods (:mod:`lorae
 the LoRA engine (:mod:`lorae.lora`) and the ensemble metrics (:mod:`lorae.metrics`).
 """
 
+import importlib
 from importlib.metadata import PackageNotFoundError, version
 
 try:
@@ -11,4 +12,11 @@ try:
 except PackageNotFoundError:  # running from a source tree that was never installed
     __version__ = "0.0.0"
 
-__all__ = ["__version__"]
+__all__ = ["Predictor", "__version__"]
+
+
+def __getattr__(name: str) -> object:
+    """``lorae.Predictor`` is imported on first use, so ``import lorae`` stays light."""
+    if name == "Predictor":  # by name: the package root must not import the top layer
+        return importlib.import_module("lorae.predictor").Predictor
+    raise AttributeError(f"module 'lorae' has no attribute {name!r}")

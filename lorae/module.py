@@ -26,6 +26,8 @@ from lorae.checkpoints.adapters import (
     restore_checkpoint,
     strip_checkpoint,
 )
+from lorae.checkpoints.inference import INFERENCE_KEY
+from lorae.data.base import ClassificationDataModule
 from lorae.errors import CheckpointMismatchError, ConfigError
 from lorae.evaluation.result import TestStepOutput
 from lorae.methods.base import EnsembleMethod, describe_mismatch
@@ -43,6 +45,37 @@ from lorae.training import default_callbacks
 
 Batch = tuple[Inputs, Tensor]
 CHECKPOINT_KEY = "lorae"
+
+
+def prediction_outputs(logits: Tensor) -> dict[str, Tensor]:
+    """What a user reads per input, from the member logits (in float64, so the entropy
+    decomposition holds to 1e-12).
+
+    Returns:
+        ``probs`` (ensemble predictive) and ``variance`` (over the members, paper Eq. 4, per
+        class) ``(B, C)``; ``pred`` (argmax of ``probs``), ``confidence`` (its probability),
+        ``agreement`` (share of members whose argmax is ``pred``), ``entropy`` (total),
+        ``expected_entropy`` (aleatoric) and ``mutual_information`` (epistemic) ``(B,)``;
+        ``member_pred`` ``(B, M)``.
+
+    Shape:
+        logits: ``(M, B, C)``.
+    """
+    logits = logits.double()
+    log_probs = predictive_log_probs(logits)
+    pred = log_probs.argmax(-1)
+    member_pred = logits.argmax(-1)  # (M, B)
+    return {
+        "pred": pred,
+        "confidence": log_probs.max(-1).values.exp(),
+        "agreement": (member_pred == pred).double().mean(0),
+        "entropy": predictive_entropy(log_probs),
+        "expected_entropy": expected_member_entropy(logits),
+        "mutual_information": mutual_information(logits),
+        "probs": log_probs.exp(),
+        "variance": predictive_variance(logits),
+        "member_pred": member_pred.T,
+    }
 
 
 class EnsembleClassifier(pl.LightningModule):
@@ -157,23 +190,10 @@ class EnsembleClassifier(pl.LightningModule):
         return {"logits": logits, "target": target}
 
     def predict_step(self, batch: Batch, batch_idx: int) -> dict[str, Tensor]:
-        """Per-sample uncertainty: predictive probabilities and their variance over the members
-        (paper Eq. 4, per class) ``(B, C)``; predicted class, total predictive entropy,
-        expected member entropy (aleatoric) and mutual information (epistemic) ``(B,)``; each
-        member's predicted class ``(B, M)``."""
+        """:func:`prediction_outputs` of the batch, plus its ``target`` ``(B,)`` (for
+        unlabelled inputs, the sample indices)."""
         inputs, target = batch
-        logits = self(inputs).double()  # float64: the entropy decomposition holds to 1e-12
-        log_probs = predictive_log_probs(logits)
-        return {
-            "target": target,
-            "pred": log_probs.argmax(-1),
-            "entropy": predictive_entropy(log_probs),
-            "expected_entropy": expected_member_entropy(logits),
-            "mutual_information": mutual_information(logits),
-            "probs": log_probs.exp(),
-            "variance": predictive_variance(logits),
-            "member_pred": logits.argmax(-1).T,
-        }
+        return {"target": target, **prediction_outputs(self(inputs))}
 
     def configure_callbacks(self) -> list[pl.Callback]:
         """lorae's fault-tolerance callbacks (:func:`lorae.training.default_callbacks`) and the
@@ -217,6 +237,11 @@ class EnsembleClassifier(pl.LightningModule):
             self.method, self.checkpoint_contents, self.method_config, prefix="method."
         )  # "method.": self.method's entries in the state dict
         checkpoint[ADAPTERS_KEY] = record
+        datamodule = getattr(self._trainer, "datamodule", None)
+        if isinstance(datamodule, ClassificationDataModule):
+            spec = datamodule.inference_spec()
+            if spec is not None:  # how to read new inputs: `lorae predict --data.predict_path`
+                checkpoint[INFERENCE_KEY] = spec.to_record()
         if self.checkpoint_contents == "adapters":
             strip_checkpoint(checkpoint, record)
 

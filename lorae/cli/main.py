@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import re
 import signal
 import sys
@@ -29,6 +30,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lorae import methods
 from lorae.backbones import backbone_preprocessing
 from lorae.checkpoints.adapters import is_adapter_checkpoint
+from lorae.checkpoints.inference import prediction_config
 from lorae.checkpoints.safe import SafeCheckpointIO, load_checkpoint_safely
 from lorae.cli import tools
 from lorae.cli.compose import expand_config_args
@@ -61,6 +63,43 @@ def unknown_method_check(message: str) -> None:
         f"Unknown method {name!r} (model.method.class_path). Known methods: "
         f"{', '.join(known)}; or the import path of your own EnsembleMethod subclass."
     )
+
+
+def _option(args: list[str], name: str) -> str | None:
+    """The value of ``--name VALUE`` or ``--name=VALUE`` in ``args`` (the last one given)."""
+    value = None
+    for i, arg in enumerate(args):
+        if arg == name and i + 1 < len(args):
+            value = args[i + 1]
+        elif arg.startswith(name + "="):
+            value = arg.split("=", 1)[1]
+    return value
+
+
+def config_from_checkpoint(args: list[str]) -> list[str]:
+    """``predict --ckpt_path K --data.predict_path P`` without ``--config``: prepend the config
+    rebuilt from the checkpoint's records (:func:`lorae.checkpoints.inference.
+    prediction_config`), so model and data go through the usual parser. Other arguments are
+    returned unchanged; options given on the command line override the rebuilt ones.
+
+    Raises:
+        CheckpointReadError: the checkpoint predates the records (pass ``--config``).
+    """
+    if not args or args[0] != "predict" or _option(args, "--data.predict_path") is None:
+        return args
+    if any(a in ("--config", "-c") or a.startswith("--config=") for a in args):
+        return args
+    ckpt_path = _option(args, "--ckpt_path")
+    if ckpt_path is None:
+        raise ConfigError(
+            "`lorae predict --data.predict_path` without --config needs --ckpt_path: the "
+            "checkpoint holds the model and how it reads its inputs."
+        )
+    if not Path(ckpt_path).is_file():
+        return args  # parse_arguments reports the missing checkpoint
+    checkpoint = load_checkpoint_safely(ckpt_path)
+    config = prediction_config(checkpoint, f"Checkpoint '{ckpt_path}'")
+    return [args[0], "--config", json.dumps(config), *args[1:]]
 
 
 #: ``--ckpt_path`` values that name no file but a checkpoint Lightning looks up.
@@ -155,10 +194,15 @@ class LoraeCLI(LightningCLI):
         it for hyperparameters before anything else, and its error would be a traceback.
         An unknown ``model.method`` class is reported with the list of lorae's methods.
         A ``--config`` file with a ``base:`` key is composed first (:mod:`lorae.cli.compose`)."""
-        if isinstance(args, list):
-            args = expand_config_args(args)
-        elif args is None:  # LightningCLI then reads sys.argv (and warns if given both)
-            sys.argv[1:] = expand_config_args(sys.argv[1:])
+        if isinstance(args, list) or args is None:
+            given = expand_config_args(sys.argv[1:] if args is None else args)
+            rebuilt = config_from_checkpoint(given)
+            if rebuilt is not given:  # the config is the checkpoint's: no config.yaml to save
+                self.save_config_callback = None
+            if args is None:  # LightningCLI then reads sys.argv (and warns if given both)
+                sys.argv[1:] = rebuilt
+            else:
+                args = rebuilt
         # Every parser reports its own errors: the main one and each subcommand's, as
         # recorded by add_arguments_to_parser (LightningCLI calls it for each of them).
         parsers = [parser, *self._parsers]

@@ -18,6 +18,8 @@ from lorae.data.esc50 import ESC50DataModule
 from lorae.data.ham10000 import HAM10000DataModule
 from lorae.data.image_folder import ImageFolderDataModule
 from lorae.data.inaturalist import INaturalist2017DataModule
+from lorae.data.inference import InferenceSpec
+from lorae.data.predict import PredictionDataModule
 from lorae.data.text import TextClassificationDataModule
 
 __all__ = [
@@ -29,6 +31,8 @@ __all__ = [
     "HAM10000DataModule",
     "INaturalist2017DataModule",
     "ImageFolderDataModule",
+    "InferenceSpec",
+    "PredictionDataModule",
     "TextClassificationDataModule",
     "TransformedDataset",
     "seeded_split",

@@ -25,6 +25,7 @@ import torch
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 
+from lorae.data.inference import InferenceSpec
 from lorae.data.robust import (
     EpochSampler,
     ResumableDataLoader,
@@ -385,6 +386,19 @@ class ClassificationDataModule(pl.LightningDataModule, abc.ABC):
     def predict_dataloader(self) -> DataLoader[Any]:
         """The test split in a fixed order (targets included)."""
         return self._loader(self.test_dataset, self.eval_batch_size)
+
+    def inference_spec(self) -> InferenceSpec | None:
+        """How a trained model reads new inputs of this data set (image size and
+        normalisation, tokenizer and max length, or audio features) and the class names;
+        stored in checkpoints so ``lorae predict --data.predict_path`` and
+        :class:`lorae.Predictor` need no training config. ``None`` (the default): not known."""
+        return None
+
+    @property
+    def predict_has_targets(self) -> bool:
+        """Whether :meth:`predict_dataloader`'s targets are labels (the test split). ``False``
+        for unlabelled inputs, whose "targets" are the sample indices instead."""
+        return True
 
     def predict_sample_names(self) -> list[str] | None:
         """A name per sample of :meth:`predict_dataloader`, in order (e.g. file paths), written

@@ -30,6 +30,7 @@ from lorae.data.corruptions import (
     check_corruptions,
     corruption_sets,
 )
+from lorae.data.inference import InferenceSpec
 from lorae.data.preprocessing import Preprocessing, image_input
 from lorae.data.svhn import load_svhn_test
 from lorae.data.transforms import ImageTransforms
@@ -198,6 +199,10 @@ class _CIFARDataModule(ClassificationDataModule):
         if not download and not all(p.is_file() for p in _expected_files(reader, self.root)):
             raise _not_found(reader, self.root)
         self._class_names: list[str] | None = None
+
+    def inference_spec(self) -> InferenceSpec:
+        """The evaluation transform and the class names (stored in checkpoints)."""
+        return InferenceSpec(self.transforms.input_spec(), tuple(self.class_names))
 
     @property
     def class_names(self) -> list[str]:

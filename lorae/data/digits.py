@@ -8,6 +8,7 @@ import torch
 from torch.utils.data import Dataset, TensorDataset
 
 from lorae.data.base import ClassificationDataModule, seeded_split
+from lorae.data.inference import ImageInput, InferenceSpec
 from lorae.errors import ConfigError
 
 __all__ = ["DigitsDataModule"]
@@ -71,6 +72,11 @@ class DigitsDataModule(ClassificationDataModule):
     def num_classes(self) -> int:
         """Ten digit classes."""
         return 10
+
+    def inference_spec(self) -> InferenceSpec:
+        """New images are read as greyscale, resized to 8x8, brightness scaled to ``[0, 1]``
+        (white = ``16`` on the digits' scale, the ink) and normalised like the digits."""
+        return InferenceSpec(ImageInput(8, (0.5,), (0.5,), channels=1), tuple(self.class_names))
 
     @property
     def class_names(self) -> list[str]:

@@ -18,6 +18,7 @@ from torch import Tensor
 from torch.utils.data import Dataset, Subset
 
 from lorae.data.base import ClassificationDataModule, split_indices
+from lorae.data.inference import AudioInput, InferenceSpec
 from lorae.errors import ConfigError, CorruptSampleError, DataNotFoundError
 
 __all__ = ["ESC50_URL", "ESC50DataModule", "LogMelFeatures"]
@@ -126,7 +127,10 @@ class LogMelFeatures:
         return waveform
 
     def __call__(self, path: Path, train: bool) -> Tensor:
-        waveform = self.read(path)
+        return self.from_waveform(self.read(path), train)
+
+    def from_waveform(self, waveform: Tensor, train: bool) -> Tensor:
+        """Features of a mono waveform ``(1, N)`` at :attr:`sample_rate`."""
         waveform = waveform - waveform.mean()
         fbank = self.torchaudio.compliance.kaldi.fbank(
             waveform,
@@ -295,6 +299,12 @@ class ESC50DataModule(ClassificationDataModule):
     def num_classes(self) -> int:
         """50."""
         return 50
+
+    def inference_spec(self) -> InferenceSpec:
+        """The log-mel settings (without SpecAugment) and the categories (in checkpoints)."""
+        f = self.features
+        spec = AudioInput(f.sample_rate, f.num_mel_bins, f.target_length, f.mean, f.std)
+        return InferenceSpec(spec, tuple(self.class_names))
 
     @property
     def class_names(self) -> list[str]:

@@ -14,6 +14,7 @@ from torch.utils.data import Dataset
 
 from lorae.data.base import ClassificationDataModule, TransformedDataset, split_indices
 from lorae.data.images import load_rgb_image
+from lorae.data.inference import InferenceSpec
 from lorae.data.preprocessing import Preprocessing, image_input
 from lorae.data.transforms import ImageTransforms
 from lorae.errors import ConfigError, DataNotFoundError
@@ -206,6 +207,10 @@ class HAM10000DataModule(ClassificationDataModule):
     def num_classes(self) -> int:
         """7."""
         return len(HAM10000_CLASSES)
+
+    def inference_spec(self) -> InferenceSpec:
+        """The evaluation transform and the class names (stored in checkpoints)."""
+        return InferenceSpec(self.transforms.input_spec(), tuple(self.class_names))
 
     @property
     def class_names(self) -> list[str]:

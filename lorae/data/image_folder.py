@@ -13,6 +13,7 @@ from torchvision.transforms import InterpolationMode, v2
 
 from lorae.data.base import ClassificationDataModule, TransformedDataset, split_indices
 from lorae.data.images import load_rgb_image
+from lorae.data.inference import ImageInput, InferenceSpec
 from lorae.data.preprocessing import Preprocessing, image_input
 from lorae.data.transforms import ImageTransforms
 from lorae.errors import ConfigError, DataNotFoundError
@@ -178,6 +179,11 @@ class ImageFolderDataModule(ClassificationDataModule):
     def num_classes(self) -> int:
         """Number of class folders in ``root/train``."""
         return len(self._classes)
+
+    def inference_spec(self) -> InferenceSpec:
+        """The evaluation transform and the class folder names (stored in checkpoints)."""
+        spec = ImageInput(self.image_size, self.mean, self.std, resize="shorter_side_crop")
+        return InferenceSpec(spec, tuple(self._classes))
 
     @property
     def class_names(self) -> list[str]:

@@ -13,6 +13,7 @@ from torchvision.datasets.inaturalist import DATASET_URLS
 
 from lorae.data.base import ClassificationDataModule, TransformedDataset, split_indices
 from lorae.data.images import load_rgb_image
+from lorae.data.inference import InferenceSpec
 from lorae.data.preprocessing import Preprocessing, image_input
 from lorae.data.transforms import ImageTransforms
 from lorae.errors import ConfigError, CorruptSampleError, DataNotFoundError
@@ -149,6 +150,10 @@ class INaturalist2017DataModule(ClassificationDataModule):
     def num_classes(self) -> int:
         """Number of species folders."""
         return len(self.dataset.all_categories)
+
+    def inference_spec(self) -> InferenceSpec:
+        """The evaluation transform and the class names (stored in checkpoints)."""
+        return InferenceSpec(self.transforms.input_spec(), tuple(self.class_names))
 
     @property
     def class_names(self) -> list[str]:

@@ -15,6 +15,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from lorae.data.base import ClassificationDataModule, EvaluationSet, split_indices
+from lorae.data.inference import InferenceSpec, TextInput
 from lorae.data.preprocessing import Preprocessing, TextPreprocessing
 from lorae.errors import ConfigError, CorruptSampleError, DataNotFoundError, LoraeError
 
@@ -339,7 +340,11 @@ class TextClassificationDataModule(ClassificationDataModule):
         text_column: Header name of the text column.
         label_column: Header name of the integer label column.
         max_length: Sequences are truncated to this many tokens (special tokens included).
-        num_classes: Number of classes; ``None`` uses the largest training label + 1.
+        num_classes: Number of classes; ``None`` uses the largest training label + 1 (or the
+            number of ``label_names``).
+        label_names: Name of each class in label order (``label_names[i]`` names label
+            ``i``), e.g. ``[negative, positive]``; stored in checkpoints and written as
+            ``pred_name`` by ``lorae predict``. ``None``: the labels as strings.
         download: When ``root`` lacks ``train_file``, download GLUE SST-2 (``SST2_URL``) and
             put its TSV files into ``root``.
         ood_file: Tab-separated file of out-of-distribution texts for ``lorae test`` (paper
@@ -386,6 +391,7 @@ class TextClassificationDataModule(ClassificationDataModule):
         label_column: str = "label",
         max_length: int = 128,
         num_classes: int | None = None,
+        label_names: list[str] | None = None,
         download: bool = False,
         ood_file: str | None = None,
         ood_text_column: int = 0,
@@ -438,11 +444,19 @@ class TextClassificationDataModule(ClassificationDataModule):
         if not train.labels:
             raise DataNotFoundError(f"Training file '{train.path}' has no data rows. {_GET_DATA}")
 
+        if num_classes is None and label_names is not None:
+            num_classes = len(label_names)
         if num_classes is None:
             num_classes = _inferred_classes(train)
         elif isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
             raise ConfigError(f"num_classes must be an integer >= 2 or None, got {num_classes!r}.")
         self._num_classes = num_classes
+        if label_names is not None and len(label_names) != num_classes:
+            raise ConfigError(
+                f"label_names has {len(label_names)} names but the data has {num_classes} "
+                "classes: give one name per class, in label order."
+            )
+        self._label_names = None if label_names is None else [str(n) for n in label_names]
         for table in self._tables.values():
             for label, line in zip(table.labels, table.lines, strict=True):
                 if label >= num_classes:
@@ -508,6 +522,7 @@ class TextClassificationDataModule(ClassificationDataModule):
                     "text backbone, whose own tokenizer the CLI passes as `preprocessing`."
                 )
             tokenizer = preprocessing.tokenizer
+        self.tokenizer_name = tokenizer
         self.tokenizer = _load_tokenizer(tokenizer)
 
     @property
@@ -515,9 +530,17 @@ class TextClassificationDataModule(ClassificationDataModule):
         """Number of classes (given, or the largest training label + 1)."""
         return self._num_classes
 
+    def inference_spec(self) -> InferenceSpec:
+        """The tokenizer, ``max_length`` and the label names (stored in checkpoints)."""
+        return InferenceSpec(
+            TextInput(self.tokenizer_name, self.max_length), tuple(self.class_names)
+        )
+
     @property
     def class_names(self) -> list[str]:
-        """The labels as strings: ``["0", "1", ...]``."""
+        """``label_names``, or the labels as strings: ``["0", "1", ...]``."""
+        if self._label_names is not None:
+            return list(self._label_names)
         return [str(i) for i in range(self._num_classes)]
 
     @property

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 from torchvision.transforms import InterpolationMode, v2
 
+from lorae.data.inference import ImageInput
 from lorae.data.preprocessing import ImagePreprocessing
 from lorae.errors import ConfigError
 
@@ -71,6 +72,10 @@ class ImageTransforms:
         m0, m1, m2 = (float(m) for m in mean)
         s0, s1, s2 = (float(s) for s in std)
         return cls(size, (m0, m1, m2), (s0, s1, s2))
+
+    def input_spec(self) -> ImageInput:
+        """The evaluation transform as plain data (see :mod:`lorae.data.inference`)."""
+        return ImageInput(self.image_size, self.mean, self.std, resize="square")
 
     def eval(self) -> v2.Compose:
         """PIL image or uint8 array -> normalised float tensor.

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any, Literal, Protocol, runtime_checkable
 
 import lightning.pytorch as pl
+import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 from torch import Tensor
 
@@ -18,9 +19,10 @@ from lorae.evaluation.calibration import fit_validation_temperature
 from lorae.evaluation.cost import ComputeCostMeter
 from lorae.evaluation.outputs import write_metrics
 from lorae.evaluation.protocol import TestEvaluation
-from lorae.evaluation.report import write_test_artifacts
-from lorae.evaluation.result import TestResult, Variant
+from lorae.evaluation.report import write_table, write_test_artifacts
+from lorae.evaluation.result import ClassAccuracy, TestResult, Variant
 from lorae.evaluation.temperature import TemperatureFit
+from lorae.metrics import predictive_log_probs
 
 __all__ = ["EvaluatedMethod", "EvaluatedModel", "TestProtocol"]
 
@@ -121,6 +123,9 @@ class TestProtocol(pl.Callback):
         self.metrics_path: Path | None = None
         self._evaluation: TestEvaluation | None = None
         self._sets: list[EvaluationSet] = []
+        #: per-class accuracy of the test split with the class names (``per_class.md``)
+        self.per_class: list[ClassAccuracy] = []
+        self._class_counts: tuple[Tensor, Tensor] | None = None
 
     # ------------------------------------------------------------------ training time
 
@@ -153,6 +158,8 @@ class TestProtocol(pl.Callback):
             self._sets = list(datamodule.evaluation_sets)
         else:  # plain dataloaders or another data module: the test split only
             self._sets = []
+        zeros = torch.zeros(model.num_classes, dtype=torch.long, device=pl_module.device)
+        self._class_counts, self.per_class = (zeros, zeros.clone()), []
         self._evaluation = TestEvaluation(
             model.num_classes,
             model.method.num_members,
@@ -186,11 +193,23 @@ class TestProtocol(pl.Callback):
         self._evaluation.update(logits, target, dataloader_idx)
         if dataloader_idx == 0:
             self.cost.end_batch(pl_module.device, int(target.shape[0]))
+            assert self._class_counts is not None
+            correct, total = self._class_counts
+            pred = predictive_log_probs(logits).argmax(-1)
+            total += torch.bincount(target, minlength=total.shape[0])[: total.shape[0]]
+            correct += torch.bincount(target[pred == target], minlength=correct.shape[0])[
+                : correct.shape[0]
+            ]
 
     def on_test_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         assert self._evaluation is not None, "on_test_start builds the evaluation"
         self.result = self._evaluation.compute()  # synchronised across processes
         self._evaluation = None  # free the states (AUROC keeps every score)
+        if self._class_counts is not None:
+            reduce = trainer.strategy.reduce
+            correct, total = (reduce(t, reduce_op="sum") for t in self._class_counts)
+            names = getattr(trainer.datamodule, "class_names", None)  # type: ignore[attr-defined]
+            self.per_class = ClassAccuracy.table(correct, total, names)
         for key, value in self.result.log_values().items():
             pl_module.log(key, value, add_dataloader_idx=False)
 
@@ -214,12 +233,26 @@ class TestProtocol(pl.Callback):
             logger = trainer.logger
             writer = logger.experiment if isinstance(logger, TensorBoardLogger) else None
             files = write_test_artifacts(out_dir, self.result, draw, writer, trainer.global_step)
+            if self.per_class:
+                files += write_table(out_dir / "per_class", [asdict(r) for r in self.per_class])
+                pl_module.print(per_class_text(self.per_class))
             extra["files"] = [p.name for p in files]
             metrics = {k: v for k, v in trainer.callback_metrics.items() if k.startswith("test/")}
             self.metrics_path = write_metrics(out_dir / "metrics.json", metrics, extra)
         # Keep the processes together while process 0 writes, so that none leaves the process
         # group (and exits) while another is still working.
         trainer.strategy.barrier("lorae_test_report")
+
+
+def per_class_text(rows: Sequence[ClassAccuracy], limit: int = 50) -> str:
+    """The per-class accuracy table ``lorae test`` prints (the first ``limit`` classes)."""
+    width = max(5, *(len(r.name) for r in rows[:limit]))
+    lines = [f"{'class':<{width}}  support  correct     acc"]
+    for r in rows[:limit]:
+        lines.append(f"{r.name:<{width}}  {r.support:>7}  {r.correct:>7}  {r.acc:>6.4f}")
+    if len(rows) > limit:
+        lines.append(f"... {len(rows) - limit} more classes in per_class.md")
+    return "\n".join(lines)
 
 
 def _step_output(outputs: Any) -> tuple[Tensor, Tensor]:

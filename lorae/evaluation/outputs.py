@@ -53,14 +53,22 @@ def merge_rank_predictions(payloads: Sequence[Mapping[str, np.ndarray]]) -> dict
 
 
 def prediction_columns(
-    num_classes: int, num_members: int, with_file: bool, member_predictions: bool
+    num_classes: int,
+    num_members: int,
+    with_file: bool,
+    member_predictions: bool,
+    labelled: bool = True,
 ) -> list[str]:
-    """Column names of the prediction file, in order (see :class:`PredictionWriter`)."""
+    """Column names of the prediction file, in order (see :class:`PredictionWriter`);
+    unlabelled inputs (``labelled=False``) have no ``target``."""
     return [
         "index",
         *(["file"] if with_file else []),
-        "target",
+        *(["target"] if labelled else []),
         "pred",
+        "pred_name",
+        "confidence",
+        "agreement",
         "entropy",
         "expected_entropy",
         "mutual_information",
@@ -76,11 +84,16 @@ class PredictionWriter(BasePredictionWriter):
 
     Columns (in this order; entropies in nats):
 
-    - ``index``: position of the sample in the predicted split (the test split);
+    - ``index``: position of the sample in the predicted split (the test split, or the
+      inputs of ``--data.predict_path`` in ``file`` order; skipped unreadable inputs leave gaps);
     - ``file``: the sample's file, when the data module names its samples
-      (:meth:`~lorae.data.base.ClassificationDataModule.predict_sample_names`);
-    - ``target``: the label in the data (class index);
+      (:meth:`~lorae.data.base.ClassificationDataModule.predict_sample_names`; ``file:line``
+      for text inputs);
+    - ``target``: the label in the data (class index); absent for unlabelled inputs;
     - ``pred``: argmax of the ensemble predictive ``p = 1/M sum_m softmax(z_m)``;
+    - ``pred_name``: the name of class ``pred`` (the data module's ``class_names``);
+    - ``confidence``: ``max_c p_c``, the predictive probability of ``pred``;
+    - ``agreement``: the share of members whose own argmax is ``pred``;
     - ``entropy``: total predictive entropy ``H[p]``;
     - ``expected_entropy``: mean member entropy ``1/M sum_m H[softmax(z_m)]`` (aleatoric part);
     - ``mutual_information``: ``entropy - expected_entropy`` (epistemic part; 0 when all
@@ -152,6 +165,8 @@ class PredictionWriter(BasePredictionWriter):
         indices = [i for batch in (batch_indices or [[]])[0] for i in batch]
         count = payload["pred"].shape[0]
         payload["index"] = np.asarray(indices if len(indices) == count else range(count))
+        if not getattr(trainer.datamodule, "predict_has_targets", True):  # type: ignore[attr-defined]
+            payload["index"] = payload["target"]  # unlabelled inputs carry their index
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             gathered: list[Any] = [None] * dist.get_world_size()
             dist.all_gather_object(gathered, payload)
@@ -171,13 +186,19 @@ class PredictionWriter(BasePredictionWriter):
         path = Path(self.output_path) if self.output_path else default_dir / default_name
         names_hook = getattr(trainer.datamodule, "predict_sample_names", None)  # type: ignore[attr-defined]
         names = names_hook() if names_hook is not None else None
+        labelled = getattr(trainer.datamodule, "predict_has_targets", True)  # type: ignore[attr-defined]
         num_classes = table["probs"].shape[1]
         num_members = table["member_pred"].shape[1]
         columns: dict[str, list[Any]] = {"index": table["index"].tolist()}
         if names is not None:
             columns["file"] = [names[i] for i in table["index"]]
-        for key in ("target", "pred"):
-            columns[key] = table[key].astype(int).tolist()
+        if labelled:
+            columns["target"] = table["target"].astype(int).tolist()
+        columns["pred"] = table["pred"].astype(int).tolist()
+        class_names = getattr(trainer.datamodule, "class_names", None)  # type: ignore[attr-defined]
+        columns["pred_name"] = [class_names[p] if class_names else str(p) for p in columns["pred"]]
+        for key in ("confidence", "agreement"):
+            columns[key] = table[key].astype(float).tolist()
         for key in ("entropy", "expected_entropy", "mutual_information"):
             columns[key] = table[key].astype(float).tolist()
         for c in range(num_classes):
@@ -189,7 +210,7 @@ class PredictionWriter(BasePredictionWriter):
             for m in range(num_members):
                 columns[f"member_pred_{m}"] = table["member_pred"][:, m].astype(int).tolist()
         expected = prediction_columns(
-            num_classes, num_members, names is not None, self.member_predictions
+            num_classes, num_members, names is not None, self.member_predictions, labelled
         )
         assert list(columns) == expected
         with atomic_path(path) as partial:  # a killed run leaves no half-written table

@@ -19,6 +19,7 @@ from lorae.metrics.ood import OOD_SCORES, OODScore
 __all__ = [
     "CALIBRATED_PREFIX",
     "SWEEP_PREFIX",
+    "ClassAccuracy",
     "Detection",
     "Diversity",
     "OODResult",
@@ -256,6 +257,32 @@ class VariantResult:
             values["temperature"] = self.variant.temperature
         prefix = self.variant.prefix
         return {prefix + key: value for key, value in values.items()}
+
+
+@dataclass(frozen=True)
+class ClassAccuracy:
+    """Accuracy of the ensemble predictive on the test samples of one class.
+
+    Attributes:
+        index: the class index; ``name`` its name (the data module's ``class_names``).
+        support: test samples of the class; ``correct`` those predicted as it.
+        acc: ``correct / support`` (NaN when the class has no test sample).
+    """
+
+    index: int
+    name: str
+    support: int
+    correct: int
+    acc: float
+
+    @classmethod
+    def table(cls, correct: Tensor, total: Tensor, names: list[str] | None) -> list[ClassAccuracy]:
+        """One entry per class from per-class counts ``(C,)``."""
+        rows = []
+        for i, (k, n) in enumerate(zip(correct.tolist(), total.tolist(), strict=True)):
+            name = names[i] if names and i < len(names) else str(i)
+            rows.append(cls(i, name, int(n), int(k), k / n if n else float("nan")))
+        return rows
 
 
 @dataclass(frozen=True)

@@ -103,7 +103,17 @@ def read_predictions(path: Path, num_classes: int) -> list[dict[str, str]]:
     uncertainty = ["entropy", "expected_entropy", "mutual_information"]
     names = ["file"] if header and header[1] == "file" else []  # ImageFolder names its files
     variances = ["variance", *(f"var_{c}" for c in range(num_classes))]
-    assert header == ["index", *names, "target", "pred", *uncertainty, *probs, *variances]
+    summary = ["pred_name", "confidence", "agreement"]
+    assert header == [
+        "index",
+        *names,
+        "target",
+        "pred",
+        *summary,
+        *uncertainty,
+        *probs,
+        *variances,
+    ]
     for i, row in enumerate(rows):
         assert int(row["index"]) == i
         p = [float(row[c]) for c in probs]

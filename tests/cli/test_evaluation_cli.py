@@ -252,7 +252,8 @@ def test_predict_writes_uncertainty_columns(trained: tuple[Path, Path], tmp_path
     pq = pytest.importorskip("pyarrow.parquet")
     table = pq.read_table(path).to_pydict()
     assert list(table) == [
-        "index", "target", "pred", "entropy", "expected_entropy", "mutual_information",
+        "index", "target", "pred", "pred_name", "confidence", "agreement",
+        "entropy", "expected_entropy", "mutual_information",
         *(f"prob_{c}" for c in range(10)), "variance", *(f"var_{c}" for c in range(10)),
         "member_pred_0", "member_pred_1", "member_pred_2",
     ]  # fmt: skip
@@ -264,6 +265,8 @@ def test_predict_writes_uncertainty_columns(trained: tuple[Path, Path], tmp_path
         members = {table[f"member_pred_{m}"][i] for m in range(3)}
         if len(members) == 1:  # all members agree on the class, so does the ensemble
             assert table["pred"][i] in members
+            assert table["agreement"][i] == 1.0
+        assert table["pred_name"][i] == str(table["pred"][i])  # the digits' names
 
 
 def test_analyze_writes_numbers_and_figures(trained: tuple[Path, Path], tmp_path: Path) -> None:

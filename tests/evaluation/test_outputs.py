@@ -64,8 +64,9 @@ def test_columns_and_entropy_decomposition_in_the_csv(tmp_path: Path) -> None:
         reader = csv.DictReader(handle)
         rows = list(reader)
     assert reader.fieldnames == prediction_columns(3, 4, False, True)
-    assert reader.fieldnames[:6] == [
-        "index", "target", "pred", "entropy", "expected_entropy", "mutual_information",
+    assert reader.fieldnames[:9] == [
+        "index", "target", "pred", "pred_name", "confidence", "agreement",
+        "entropy", "expected_entropy", "mutual_information",
     ]  # fmt: skip
     probs = predictive_log_probs(logits.double()).exp()
     for i, row in enumerate(rows):
@@ -77,6 +78,10 @@ def test_columns_and_entropy_decomposition_in_the_csv(tmp_path: Path) -> None:
         p = [float(row[f"prob_{c}"]) for c in range(3)]
         np.testing.assert_allclose(p, probs[i].numpy(), rtol=1e-12)
         assert int(row["pred"]) == int(np.argmax(p))
+        assert row["pred_name"] == row["pred"]  # the data module names no classes here
+        assert float(row["confidence"]) == pytest.approx(max(p), rel=1e-12)
+        votes = logits[:, i].argmax(-1) == int(row["pred"])
+        assert float(row["agreement"]) == pytest.approx(votes.double().mean().item())
         members = [int(row[f"member_pred_{m}"]) for m in range(4)]
         assert members == logits[:, i].argmax(-1).tolist()
     assert any(float(r["mutual_information"]) > 1e-3 for r in rows)  # members do disagree

@@ -83,6 +83,7 @@ def config_from_checkpoint(args: list[str]) -> list[str]:
     returned unchanged; options given on the command line override the rebuilt ones.
 
     Raises:
+        DataNotFoundError: the checkpoint does not exist.
         CheckpointReadError: the checkpoint predates the records (pass ``--config``).
     """
     if not args or args[0] != "predict" or _option(args, "--data.predict_path") is None:
@@ -95,8 +96,11 @@ def config_from_checkpoint(args: list[str]) -> list[str]:
             "`lorae predict --data.predict_path` without --config needs --ckpt_path: the "
             "checkpoint holds the model and how it reads its inputs."
         )
-    if not Path(ckpt_path).is_file():
-        return args  # parse_arguments reports the missing checkpoint
+    if not Path(ckpt_path).is_file():  # the checkpoint is this command's only source
+        raise DataNotFoundError(
+            f"Checkpoint '{ckpt_path}' does not exist: give --ckpt_path the path of a .ckpt "
+            "file written by `lorae fit`, e.g. runs/quickstart/version_0/checkpoints/best.ckpt."
+        )
     checkpoint = load_checkpoint_safely(ckpt_path)
     config = prediction_config(checkpoint, f"Checkpoint '{ckpt_path}'")
     return [args[0], "--config", json.dumps(config), *args[1:]]

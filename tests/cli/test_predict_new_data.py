@@ -215,3 +215,14 @@ def test_old_checkpoint_without_the_record_asks_for_config(
     assert "--config" in err and str(old) in err
     with pytest.raises(CheckpointReadError, match="--config"):
         Predictor.from_checkpoint(old)
+
+
+def test_a_missing_checkpoint_without_config_names_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    missing = tmp_path / "nothing.ckpt"
+    with pytest.raises(SystemExit) as exit_info:
+        main(["predict", "--ckpt_path", str(missing), "--data.predict_path", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2
+    assert f"lorae: error: Checkpoint '{missing}' does not exist" in err, err

@@ -26,9 +26,11 @@ from lorae.checkpoints.adapters import (
     restore_checkpoint,
     strip_checkpoint,
 )
+from lorae.checkpoints.calibration import CalibrationRecord, calibration_record
 from lorae.checkpoints.inference import INFERENCE_KEY
 from lorae.data.base import ClassificationDataModule
 from lorae.errors import CheckpointMismatchError, ConfigError
+from lorae.evaluation.abstention import apply_calibration
 from lorae.evaluation.result import TestStepOutput
 from lorae.methods.base import EnsembleMethod, describe_mismatch
 from lorae.metrics import (
@@ -47,16 +49,25 @@ Batch = tuple[Inputs, Tensor]
 CHECKPOINT_KEY = "lorae"
 
 
-def prediction_outputs(logits: Tensor) -> dict[str, Tensor]:
+def prediction_outputs(
+    logits: Tensor, calibration: CalibrationRecord | None = None
+) -> dict[str, Tensor]:
     """What a user reads per input, from the member logits (in float64, so the entropy
     decomposition holds to 1e-12).
+
+    Args:
+        logits: member logits.
+        calibration: a checkpoint's ``lorae calibrate`` record; adds ``calibrated_probs`` and
+            (with a threshold) ``abstain`` (:func:`~lorae.evaluation.abstention.
+            apply_calibration`).
 
     Returns:
         ``probs`` (ensemble predictive) and ``variance`` (over the members, paper Eq. 4, per
         class) ``(B, C)``; ``pred`` (argmax of ``probs``), ``confidence`` (its probability),
         ``agreement`` (share of members whose argmax is ``pred``), ``entropy`` (total),
         ``expected_entropy`` (aleatoric) and ``mutual_information`` (epistemic) ``(B,)``;
-        ``member_pred`` ``(B, M)``.
+        ``member_pred`` ``(B, M)``; with ``calibration``, ``calibrated_probs`` ``(B, C)`` and
+        ``abstain`` ``(B,)``.
 
     Shape:
         logits: ``(M, B, C)``.
@@ -75,6 +86,7 @@ def prediction_outputs(logits: Tensor) -> dict[str, Tensor]:
         "probs": log_probs.exp(),
         "variance": predictive_variance(logits),
         "member_pred": member_pred.T,
+        **(apply_calibration(logits, calibration) if calibration is not None else {}),
     }
 
 
@@ -111,6 +123,9 @@ class EnsembleClassifier(pl.LightningModule):
     """
 
     class_weights: Tensor | None
+    #: the loaded checkpoint's ``lorae calibrate`` record (temperature, abstention threshold),
+    #: used by :meth:`predict_step`; ``None`` for an uncalibrated one and once training starts.
+    calibration: CalibrationRecord | None = None
 
     def __init__(
         self,
@@ -190,10 +205,15 @@ class EnsembleClassifier(pl.LightningModule):
         return {"logits": logits, "target": target}
 
     def predict_step(self, batch: Batch, batch_idx: int) -> dict[str, Tensor]:
-        """:func:`prediction_outputs` of the batch, plus its ``target`` ``(B,)`` (for
-        unlabelled inputs, the sample indices)."""
+        """:func:`prediction_outputs` of the batch (with the checkpoint's calibration, if
+        any), plus its ``target`` ``(B,)`` (for unlabelled inputs, the sample indices)."""
         inputs, target = batch
-        return {"target": target, **prediction_outputs(self(inputs))}
+        return {"target": target, **prediction_outputs(self(inputs), self.calibration)}
+
+    def on_fit_start(self) -> None:
+        """Training changes the weights a loaded calibration was fitted for: drop it (it is
+        not written into new checkpoints either)."""
+        self.calibration = None
 
     def configure_callbacks(self) -> list[pl.Callback]:
         """lorae's fault-tolerance callbacks (:func:`lorae.training.default_callbacks`) and the
@@ -246,6 +266,7 @@ class EnsembleClassifier(pl.LightningModule):
             strip_checkpoint(checkpoint, record)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.calibration = calibration_record(checkpoint)  # `lorae calibrate`'s, or None
         saved = checkpoint.get(CHECKPOINT_KEY)
         if saved is None:
             return

@@ -7,7 +7,9 @@
 
 The numbers are those of ``lorae predict`` on the same inputs: the same input reader
 (:class:`~lorae.data.inference.InputReader`) and the same per-input quantities
-(:func:`~lorae.module.prediction_outputs`).
+(:func:`~lorae.module.prediction_outputs`), including, for a checkpoint written by ``lorae
+calibrate``, the temperature-scaled probabilities and the abstention decision
+(``result.calibrated_probs``, ``result.abstain``).
 """
 
 from __future__ import annotations
@@ -49,9 +51,11 @@ class Prediction:
         expected_entropy: aleatoric part, mean member entropy ``(N,)``.
         mutual_information: epistemic part, ``entropy - expected_entropy`` ``(N,)``.
         variance: predictive variance over the members per class (paper Eq. 4) ``(N, C)``.
-        calibrated_probs: temperature-scaled probabilities; ``None`` (checkpoints store no
-            temperature yet).
-        abstain: whether to abstain per input; ``None`` until an abstention rule exists.
+        calibrated_probs: temperature-scaled predictive ``1/M sum_m softmax(z_m / T)``
+            ``(N, C)`` of a checkpoint calibrated with ``lorae calibrate``; ``None`` otherwise.
+        abstain: ``(N,)`` bool, True where the calibrated checkpoint's threshold says to
+            abstain (its guarantee is about the errors of ``pred`` where False); ``None`` for a
+            checkpoint without a threshold.
     """
 
     probs: Tensor
@@ -132,7 +136,8 @@ class Predictor:
             chunk = inputs[start : start + self.batch_size]
             batch, _ = self.reader.collate([(self.reader.load(x), i) for i, x in enumerate(chunk)])
             logits = self.model(_to(batch, self.device)).double()
-            parts.append({k: v.cpu() for k, v in prediction_outputs(logits).items()})
+            outputs = prediction_outputs(logits, self.model.calibration)
+            parts.append({k: v.cpu() for k, v in outputs.items()})
             member_probs.append(logits.softmax(-1).cpu())
         if not parts:
             raise ValueError("predict needs at least one input.")
@@ -149,6 +154,8 @@ class Predictor:
             expected_entropy=out["expected_entropy"],
             mutual_information=out["mutual_information"],
             variance=out["variance"],
+            calibrated_probs=out.get("calibrated_probs"),
+            abstain=out["abstain"].bool() if "abstain" in out else None,
         )
 
 

@@ -20,6 +20,10 @@ TOOLS: dict[str, tuple[str, str]] = {
         "lorae.cli.aggregate:main",
         "collect metrics.json of several runs into a mean ± std table (Markdown, CSV)",
     ),
+    "calibrate": (
+        "lorae.cli.calibrate:main",
+        "fit a temperature and a guaranteed abstention threshold; write a calibrated checkpoint",
+    ),
     "crossval": (
         "lorae.cli.crossval:main",
         "train every fold (ESC-50) and evaluate the pooled held-out predictions",

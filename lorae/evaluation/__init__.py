@@ -5,6 +5,12 @@
 log_values` is the one place that names the ``test/...`` metric keys.
 """
 
+from lorae.evaluation.abstention import (
+    AbstentionThreshold,
+    RiskNotCertifiableError,
+    coverage_threshold,
+    risk_controlling_threshold,
+)
 from lorae.evaluation.callback import EvaluatedModel, TestProtocol
 from lorae.evaluation.protocol import TestEvaluation, VariantEvaluation
 from lorae.evaluation.result import (
@@ -12,6 +18,7 @@ from lorae.evaluation.result import (
     Diversity,
     OODResult,
     ReliabilityCurve,
+    RiskCoverage,
     Scores,
     ShiftResult,
     SizeCurve,
@@ -22,11 +29,14 @@ from lorae.evaluation.result import (
 from lorae.evaluation.trajectory import WeightTrajectory
 
 __all__ = [
+    "AbstentionThreshold",
     "Detection",
     "Diversity",
     "EvaluatedModel",
     "OODResult",
     "ReliabilityCurve",
+    "RiskCoverage",
+    "RiskNotCertifiableError",
     "Scores",
     "ShiftResult",
     "SizeCurve",
@@ -37,4 +47,6 @@ __all__ = [
     "VariantEvaluation",
     "VariantResult",
     "WeightTrajectory",
+    "coverage_threshold",
+    "risk_controlling_threshold",
 ]

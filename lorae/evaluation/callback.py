@@ -75,8 +75,13 @@ class TestProtocol(pl.Callback):
       DDP); at the end of the epoch the typed :class:`~lorae.evaluation.result.TestResult` is
       kept in :attr:`result` and its :meth:`~lorae.evaluation.result.TestResult.log_values`
       are logged.
+    - Selective prediction on the test split at every temperature: the risk-coverage curve,
+      AURC and the accuracy at 90/95/99% coverage, ranked by the predictive's confidence and
+      by mutual information (:class:`~lorae.metrics.SelectivePrediction`).
     - When testing ends, process 0 writes the tables and figures
-      (:func:`~lorae.evaluation.report.write_test_artifacts`) and ``metrics.json`` (the logged
+      (:func:`~lorae.evaluation.report.write_test_artifacts`: e.g. ``risk_coverage.csv`` and
+      ``risk_coverage.png``, the figures also logged to a ``TensorBoardLogger``'s writer as
+      ``test/<name>``) and ``metrics.json`` (the logged
       ``test/...`` metrics, the checkpoint, the method identity, the compute cost, the
       calibration, the evaluation sets and the written files) into the log directory.
 

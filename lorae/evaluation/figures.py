@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from lorae.errors import ConfigError
-from lorae.evaluation.result import ReliabilityCurve
+from lorae.evaluation.result import ReliabilityCurve, RiskCoverage
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -26,6 +26,7 @@ __all__ = [
     "matplotlib_available",
     "reliability_figure",
     "require_pyplot",
+    "risk_coverage_figure",
     "save_figure",
     "scatter_figure",
     "singular_values_figure",
@@ -207,5 +208,52 @@ def reliability_figure(bins: ReliabilityCurve, title: str = "Reliability diagram
     bottom.set_xlabel("confidence (top-1 predictive probability)")
     bottom.set_ylabel("share")
     bottom.set_xlim(0, 1)
+    figure.tight_layout()
+    return figure
+
+
+def oracle_risk(risk: Sequence[float]) -> np.ndarray:
+    """The risk-coverage curve of a perfect ranking (every error after every correct sample)
+    with the same errors: ``r*_k = max(0, k - (N - E)) / k``, ``E = N * r_N`` errors.
+
+    Shape:
+        risk: ``(N,)``; output: ``(N,)``
+    """
+    n = len(risk)
+    k = np.arange(1, n + 1, dtype=np.float64)
+    errors = round(float(risk[-1]) * n) if n else 0
+    return np.maximum(0.0, k - (n - errors)) / k
+
+
+def risk_coverage_figure(
+    curves: Mapping[str, RiskCoverage], title: str = "Risk-coverage curve"
+) -> Figure:
+    """Selective risk (error rate of the answered samples) against coverage (Geifman &
+    El-Yaniv 2017), one line per curve, with the perfect ranking (oracle) of the first curve
+    and the error rate of a random ranking as references; the legend gives each AURC.
+
+    Args:
+        curves: ``{label: curve}``, e.g. the ranking by confidence and by mutual information.
+        title: figure title.
+    """
+    plt = require_pyplot()
+    figure, axes = plt.subplots(figsize=(5.2, 4.0))
+    first: RiskCoverage | None = None
+    for label, curve in curves.items():
+        if first is None:
+            first = curve
+        axes.plot(curve.coverage, curve.risk, label=f"{label} (AURC {curve.aurc:.4f})")
+    if first is not None and first.risk:
+        oracle = oracle_risk(first.risk)
+        axes.plot(first.coverage, oracle, "k:", linewidth=1, label="oracle (perfect ranking)")
+        axes.axhline(first.risk[-1], color="gray", linestyle="--", linewidth=1, label="random")
+    axes.set_xlabel("coverage (share of samples answered)")
+    axes.set_ylabel("risk (error rate of the answered)")
+    axes.set_xlim(0, 1)
+    axes.set_ylim(bottom=0)
+    axes.set_title(title)
+    axes.grid(alpha=0.3)
+    # below the axes: the curves fill the whole plot area
+    axes.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=2)
     figure.tight_layout()
     return figure

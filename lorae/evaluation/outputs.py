@@ -58,21 +58,26 @@ def prediction_columns(
     with_file: bool,
     member_predictions: bool,
     labelled: bool = True,
+    calibrated: bool = False,
+    abstention: bool = False,
 ) -> list[str]:
     """Column names of the prediction file, in order (see :class:`PredictionWriter`);
-    unlabelled inputs (``labelled=False``) have no ``target``."""
+    unlabelled inputs (``labelled=False``) have no ``target``; a calibrated checkpoint
+    (``lorae calibrate``) adds ``calibrated_prob_*`` and, with a threshold, ``abstain``."""
     return [
         "index",
         *(["file"] if with_file else []),
         *(["target"] if labelled else []),
         "pred",
         "pred_name",
+        *(["abstain"] if abstention else []),
         "confidence",
         "agreement",
         "entropy",
         "expected_entropy",
         "mutual_information",
         *(f"prob_{c}" for c in range(num_classes)),
+        *(f"calibrated_prob_{c}" for c in range(num_classes) if calibrated),
         "variance",
         *(f"var_{c}" for c in range(num_classes)),
         *(f"member_pred_{m}" for m in range(num_members) if member_predictions),
@@ -92,6 +97,10 @@ class PredictionWriter(BasePredictionWriter):
     - ``target``: the label in the data (class index); absent for unlabelled inputs;
     - ``pred``: argmax of the ensemble predictive ``p = 1/M sum_m softmax(z_m)``;
     - ``pred_name``: the name of class ``pred`` (the data module's ``class_names``);
+    - ``abstain``: only for a checkpoint calibrated with a threshold (``lorae calibrate
+      --target_risk`` or ``--target_coverage``): 1 where the model abstains (its score is on
+      the uncertain side of the threshold), 0 where ``pred`` is to be used; the threshold's
+      guarantee is about the errors of ``pred`` among the inputs with ``abstain = 0``;
     - ``confidence``: ``max_c p_c``, the predictive probability of ``pred``;
     - ``agreement``: the share of members whose own argmax is ``pred``;
     - ``entropy``: total predictive entropy ``H[p]``;
@@ -99,6 +108,8 @@ class PredictionWriter(BasePredictionWriter):
     - ``mutual_information``: ``entropy - expected_entropy`` (epistemic part; 0 when all
       members agree);
     - ``prob_0`` ... ``prob_{C-1}``: the ensemble predictive probabilities;
+    - ``calibrated_prob_0`` ... ``calibrated_prob_{C-1}``: only for a calibrated checkpoint,
+      the temperature-scaled predictive ``1/M sum_m softmax(z_m / T)``;
     - ``variance``: the ensemble's predictive variance of paper Eq. 4 summed over the classes
       (the trace of the members' covariance; 0 when all members agree);
     - ``var_0`` ... ``var_{C-1}``: that variance per class,
@@ -197,12 +208,18 @@ class PredictionWriter(BasePredictionWriter):
         columns["pred"] = table["pred"].astype(int).tolist()
         class_names = getattr(trainer.datamodule, "class_names", None)  # type: ignore[attr-defined]
         columns["pred_name"] = [class_names[p] if class_names else str(p) for p in columns["pred"]]
+        if "abstain" in table:
+            columns["abstain"] = table["abstain"].astype(int).tolist()
         for key in ("confidence", "agreement"):
             columns[key] = table[key].astype(float).tolist()
         for key in ("entropy", "expected_entropy", "mutual_information"):
             columns[key] = table[key].astype(float).tolist()
         for c in range(num_classes):
             columns[f"prob_{c}"] = table["probs"][:, c].astype(float).tolist()
+        if "calibrated_probs" in table:
+            for c in range(num_classes):
+                values = table["calibrated_probs"][:, c].astype(float).tolist()
+                columns[f"calibrated_prob_{c}"] = values
         columns["variance"] = table["variance"].sum(axis=1).astype(float).tolist()
         for c in range(num_classes):
             columns[f"var_{c}"] = table["variance"][:, c].astype(float).tolist()
@@ -210,7 +227,13 @@ class PredictionWriter(BasePredictionWriter):
             for m in range(num_members):
                 columns[f"member_pred_{m}"] = table["member_pred"][:, m].astype(int).tolist()
         expected = prediction_columns(
-            num_classes, num_members, names is not None, self.member_predictions, labelled
+            num_classes,
+            num_members,
+            names is not None,
+            self.member_predictions,
+            labelled,
+            calibrated="calibrated_probs" in table,
+            abstention="abstain" in table,
         )
         assert list(columns) == expected
         with atomic_path(path) as partial:  # a killed run leaves no half-written table

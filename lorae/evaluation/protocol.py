@@ -4,7 +4,9 @@ The test split (dataloader 0) and the data module's evaluation sets (dataloader 
 :class:`lorae.data.base.EvaluationSet`) are scored from the same member logits:
 
 - test split: the usual metrics (:class:`~lorae.metrics.EnsembleMetrics`), reliability bins,
-  the ensemble-size curve, and (at ``T = 1``) function-space diversity;
+  the ensemble-size curve, selective prediction (:class:`~lorae.metrics.SelectivePrediction`:
+  risk-coverage curve, AURC, accuracy at 90/95/99% coverage, ranked by the predictive's
+  confidence and by mutual information), and (at ``T = 1``) function-space diversity;
 - ``kind="shift"`` set: the usual metrics;
 - ``kind="ood"`` set: AUROC and AUPRC of the three OOD scores against the test split (positive
   class).
@@ -25,6 +27,7 @@ from lorae.evaluation.result import (
     Diversity,
     OODResult,
     ReliabilityCurve,
+    RiskCoverage,
     Scores,
     SetKind,
     SetResult,
@@ -40,6 +43,7 @@ from lorae.metrics.diversity import DiversityMetrics
 from lorae.metrics.ensemble_size import EnsembleSizeCurve
 from lorae.metrics.ood import OOD_SCORES, OODMetrics
 from lorae.metrics.reliability import ReliabilityBins
+from lorae.metrics.selective import SELECTIVE_SCORES, SelectivePrediction, SelectiveScore
 
 __all__ = ["TestEvaluation", "VariantEvaluation"]
 
@@ -85,6 +89,11 @@ class VariantEvaluation(nn.Module):
         self.test = EnsembleMetrics(num_classes, num_members, n_bins)
         self.reliability = ReliabilityBins(n_bins)
         self.size_curve = EnsembleSizeCurve(num_members, n_bins, self.temperature)
+        self._selective: dict[SelectiveScore, SelectivePrediction] = {
+            s: SelectivePrediction(s, self.temperature) for s in SELECTIVE_SCORES
+        }
+        # registered for .to() and DDP
+        self.selective = nn.ModuleDict({str(k): v for k, v in self._selective.items()})
         self.diversity = (
             DiversityMetrics(num_members, num_classes, self.temperature) if diversity else None
         )
@@ -103,6 +112,8 @@ class VariantEvaluation(nn.Module):
             probs = LF.predictive_probs(logits.float(), self.temperature)
             self.reliability.update(probs, target)
             self.size_curve.update(logits, target)
+            for selective in self._selective.values():
+                selective.update(logits, target)
             if self.diversity is not None:
                 self.diversity.update(logits)
             for metric in self._extra:
@@ -150,6 +161,10 @@ class VariantEvaluation(nn.Module):
             size_curve=size_curve,
             diversity=diversity,
             sets=tuple(sets),
+            selective={
+                score: RiskCoverage.from_tensors(score, metric.compute())
+                for score, metric in self._selective.items()
+            },
         )
 
 

@@ -5,9 +5,10 @@
   aggregated one and the per-sample one, ``T = 1``);
 - ``temperature_sweep.csv`` / ``.md``: the test metrics at every swept temperature (paper
   Tab. 17), when ``--temperature_sweep`` is given;
+- ``risk_coverage.csv``: the risk-coverage curve of the test split (:func:`risk_coverage_rows`);
 - with plots: ``reliability.png`` (and ``reliability_calibrated.png`` after temperature
-  scaling), ``ensemble_size.png``, ``disagreement.png``, ``jsd.png``, each also logged to
-  TensorBoard when the run logs there.
+  scaling), ``ensemble_size.png``, ``risk_coverage.png``, ``disagreement.png``, ``jsd.png``,
+  each also logged to TensorBoard (``test/<name>``) when the run logs there.
 """
 
 from __future__ import annotations
@@ -20,20 +21,30 @@ from typing import Any
 import numpy as np
 
 from lorae.evaluation import figures
-from lorae.evaluation.result import SizeCurve, TestResult
+from lorae.evaluation.result import RiskCoverage, SizeCurve, TestResult, VariantResult
 
-__all__ = ["size_curve_rows", "sweep_rows", "write_table", "write_test_artifacts"]
+__all__ = [
+    "risk_coverage_rows",
+    "size_curve_rows",
+    "sweep_rows",
+    "write_table",
+    "write_test_artifacts",
+]
+
+
+def _write_csv(path: Path, rows: list[dict[str, Any]]) -> Path:
+    with path.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
 
 
 def write_table(path_stem: Path, rows: list[dict[str, Any]]) -> list[Path]:
     """Write ``rows`` as ``<stem>.csv`` and a Markdown table ``<stem>.md``."""
     path_stem.parent.mkdir(parents=True, exist_ok=True)
     columns = list(rows[0])
-    csv_path = path_stem.with_suffix(".csv")
-    with csv_path.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=columns)
-        writer.writeheader()
-        writer.writerows(rows)
+    csv_path = _write_csv(path_stem.with_suffix(".csv"), rows)
     md_path = path_stem.with_suffix(".md")
 
     def cell(value: Any) -> str:
@@ -61,6 +72,41 @@ def sweep_rows(result: TestResult) -> list[dict[str, float]]:
     ]
 
 
+def _risk_coverage_series(result: TestResult) -> dict[str, RiskCoverage]:
+    """The drawn risk-coverage curves by column suffix: the uncalibrated variant ranked by
+    confidence (``""``) and by mutual information (``"_by_mi"``), and the same after
+    temperature scaling (``"_calibrated"``, ``"_calibrated_by_mi"``)."""
+    series: dict[str, RiskCoverage] = {}
+    found: list[tuple[VariantResult | None, str]] = [
+        (result.variant("uncalibrated"), ""),
+        (result.variant("calibrated"), "_calibrated"),
+    ]
+    for variant, suffix in found:
+        if variant is None:
+            continue
+        if "msp" in variant.selective:
+            series[suffix] = variant.selective["msp"]
+        if "mi" in variant.selective:
+            series[f"{suffix}_by_mi"] = variant.selective["mi"]
+    return series
+
+
+def risk_coverage_rows(result: TestResult) -> list[dict[str, float]]:
+    """One row per coverage ``k / N``: ``coverage``, ``risk`` (ranked by confidence),
+    ``risk_by_mi`` (by mutual information), ``risk_oracle`` (a perfect ranking of the same
+    predictions), and after temperature scaling ``risk_calibrated`` and
+    ``risk_calibrated_by_mi``. Empty when the test split is."""
+    series = _risk_coverage_series(result)
+    if not series:
+        return []
+    first = next(iter(series.values()))
+    columns: dict[str, Any] = {"coverage": first.coverage}
+    columns.update({f"risk{suffix}": curve.risk for suffix, curve in series.items()})
+    columns["risk_oracle"] = figures.oracle_risk(first.risk).tolist()
+    names = list(columns)
+    return [dict(zip(names, row, strict=True)) for row in zip(*columns.values(), strict=True)]
+
+
 def write_test_artifacts(
     out_dir: Path,
     result: TestResult,
@@ -81,6 +127,7 @@ def write_test_artifacts(
         The written files.
     """
     plain = result.variant("uncalibrated")
+    calibrated = result.variant("calibrated")
     written: list[Path] = []
     if plain is not None:
         written += write_table(out_dir / "ensemble_size", size_curve_rows(plain.size_curve))
@@ -97,11 +144,14 @@ def write_test_artifacts(
     sweep = sweep_rows(result)
     if sweep:
         written += write_table(out_dir / "temperature_sweep", sweep)
+    risk_rows = risk_coverage_rows(result)
+    if risk_rows:  # one row per test sample: a CSV only, no Markdown table
+        out_dir.mkdir(parents=True, exist_ok=True)
+        written.append(_write_csv(out_dir / "risk_coverage.csv", risk_rows))
     if not plots:
         return written
 
     drawn = {}
-    calibrated = result.variant("calibrated")
     for variant, name in ((plain, "reliability"), (calibrated, "reliability_calibrated")):
         if variant is not None:
             t = variant.variant.temperature
@@ -112,6 +162,14 @@ def write_test_artifacts(
         curve = plain.size_curve
         series = {"acc": curve.acc, "ece": curve.ece, "nll": curve.nll}
         drawn["ensemble_size"] = figures.ensemble_size_figure(range(1, len(curve.acc) + 1), series)
+    labels = {"": "confidence", "_by_mi": "mutual information"}
+    if calibrated is not None:
+        fitted = f"T = {calibrated.variant.temperature:.3f}"
+        labels["_calibrated"] = f"confidence, {fitted}"
+        labels["_calibrated_by_mi"] = f"mutual information, {fitted}"
+    curves = {labels[k]: c for k, c in _risk_coverage_series(result).items() if c.risk}
+    if curves:
+        drawn["risk_coverage"] = figures.risk_coverage_figure(curves)
     if diversity is not None:
         drawn["disagreement"] = figures.heatmap_figure(
             np.asarray(diversity.disagreement_matrix), "Pairwise disagreement rate"

@@ -15,6 +15,7 @@ from typing import Literal, TypedDict
 from torch import Tensor
 
 from lorae.metrics.ood import OOD_SCORES, OODScore
+from lorae.metrics.selective import COVERAGES, SELECTIVE_SCORES, SelectiveScore, coverage_key
 
 __all__ = [
     "CALIBRATED_PREFIX",
@@ -24,6 +25,7 @@ __all__ = [
     "Diversity",
     "OODResult",
     "ReliabilityCurve",
+    "RiskCoverage",
     "Scores",
     "ShiftResult",
     "SizeCurve",
@@ -41,6 +43,9 @@ SWEEP_PREFIX = "temperature/"
 SCORE_NAMES = ("acc", "f1", "ece", "nll", "brier")
 CURVE_NAMES = ("acc", "ece", "nll")
 DIVERSITY_NAMES = ("disagreement", "jsd", "jsd_per_sample", "mi")
+SELECTIVE_NAMES = ("aurc", *(coverage_key(c) for c in COVERAGES))
+#: key prefix of the selective-prediction keys ranked by mutual information (``"msp"`` has none)
+BY_MI_PREFIX = "by_mi/"
 
 
 class TestStepOutput(TypedDict):
@@ -164,6 +169,49 @@ class SizeCurve:
 
 
 @dataclass(frozen=True)
+class RiskCoverage:
+    """Selective prediction on the test split, ranked by one score
+    (:class:`lorae.metrics.SelectivePrediction`; definitions in :mod:`lorae.metrics.selective`).
+
+    Attributes:
+        score: the ranking score, ``"msp"`` (maximum predictive probability) or ``"mi"``
+            (minus the mutual information).
+        aurc: area under the risk-coverage curve (torch-uncertainty's definition), lower is
+            better; NaN with fewer than 2 samples.
+        acc_at_coverage: ``{coverage: accuracy on the ceil(coverage * N) most confident
+            samples}`` for each coverage of :data:`lorae.metrics.COVERAGES`.
+
+    Shape:
+        coverage, risk: ``(N,)``: ``k / N`` and the error rate on the ``k`` most confident
+        samples, ``k = 1..N``.
+    """
+
+    score: SelectiveScore
+    aurc: float
+    acc_at_coverage: dict[float, float]
+    coverage: tuple[float, ...]
+    risk: tuple[float, ...]
+
+    @classmethod
+    def from_tensors(cls, score: SelectiveScore, values: dict[str, Tensor]) -> RiskCoverage:
+        """From :meth:`lorae.metrics.SelectivePrediction.compute`."""
+        accuracy = {c: float(values[coverage_key(c)]) for c in COVERAGES}
+        return cls(
+            score=score,
+            aurc=float(values["aurc"]),
+            acc_at_coverage=accuracy,
+            coverage=_floats(values["coverage"]),
+            risk=_floats(values["risk"]),
+        )
+
+    def items(self) -> Iterator[tuple[str, float]]:
+        """``("aurc", ...)`` and ``("acc_at_cov<percent>", ...)`` per coverage."""
+        yield "aurc", self.aurc
+        for coverage, value in self.acc_at_coverage.items():
+            yield coverage_key(coverage), value
+
+
+@dataclass(frozen=True)
 class Diversity:
     """Function-space diversity of the members (:class:`lorae.metrics.DiversityMetrics`).
 
@@ -226,6 +274,8 @@ class VariantResult:
         size_curve: the ensemble-size curve on the test split.
         diversity: member diversity; only the uncalibrated variant (``T = 1``) has it.
         sets: the data module's evaluation sets, in dataloader order.
+        selective: selective prediction on the test split per ranking score, ``"msp"``
+            (the default ranking) and ``"mi"``.
     """
 
     variant: Variant
@@ -234,6 +284,7 @@ class VariantResult:
     size_curve: SizeCurve
     diversity: Diversity | None
     sets: tuple[SetResult, ...]
+    selective: dict[SelectiveScore, RiskCoverage]
 
     def log_values(self) -> dict[str, float]:
         """This variant's keys without ``test/`` (see :meth:`TestResult.log_values`)."""
@@ -241,6 +292,11 @@ class VariantResult:
         for name in CURVE_NAMES:
             for k, value in enumerate(getattr(self.size_curve, name), start=1):
                 values[f"ensemble_size/{k}/{name}"] = value
+        for ranking in SELECTIVE_SCORES:
+            if ranking in self.selective:
+                key_prefix = "" if ranking == "msp" else BY_MI_PREFIX
+                for name, value in self.selective[ranking].items():
+                    values[key_prefix + name] = value
         if self.diversity is not None:
             for name in DIVERSITY_NAMES:
                 values[f"diversity/{name}"] = getattr(self.diversity, name)
@@ -323,6 +379,8 @@ def key_table(num_members: str = "M") -> str:
     from the names :meth:`TestResult.log_values` uses."""
     scores = ", ".join(f"`{n}`" for n in SCORE_NAMES)
     curve = ",".join(CURVE_NAMES)
+    selective = ", ".join(f"`{n}`" for n in SELECTIVE_NAMES)
+    by_mi = ",".join(SELECTIVE_NAMES)
     ood = ",".join(OOD_SCORES)
     detection = ",".join(f.name for f in fields(Detection))
     shift = ",".join(SCORE_NAMES)
@@ -336,6 +394,21 @@ def key_table(num_members: str = "M") -> str:
         (
             f"`ensemble_size/<k>/{{{curve}}}`",
             f"the same for the first `k` members, `k = 1..{num_members}` (paper Fig. 4, 6)",
+        ),
+        (
+            selective,
+            "selective prediction on the test split (Geifman & El-Yaniv 2017), samples ranked "
+            "by the maximum probability of the ensemble predictive (confidence): `aurc`, the "
+            "area under the risk-coverage curve (error rate of the `k` most confident samples "
+            "against coverage `k / N`; torch-uncertainty 0.13's `AURC`: trapezoids over "
+            "`k = 1..N`, divided by `1 - 1/N`; tied scores averaged over their orders; lower is "
+            "better), and `acc_at_cov<p>`, the accuracy on the `ceil(p% * N)` most confident "
+            "samples",
+        ),
+        (
+            f"`{BY_MI_PREFIX}{{{by_mi}}}`",
+            "the same with the samples ranked by mutual information, least first (with one "
+            "member it is 0 for every sample: all tied, so `aurc` = the error rate)",
         ),
         (
             "`diversity/disagreement`",

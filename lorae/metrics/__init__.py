@@ -32,8 +32,21 @@ from lorae.metrics.functional import (
 )
 from lorae.metrics.ood import OODMetrics, ood_scores
 from lorae.metrics.reliability import ReliabilityBins
+from lorae.metrics.selective import (
+    COVERAGES,
+    SELECTIVE_SCORES,
+    SelectivePrediction,
+    SelectiveScore,
+    accuracy_at_coverage,
+    aurc,
+    coverage_key,
+    risk_coverage_curve,
+    selective_scores,
+)
 
 __all__ = [
+    "COVERAGES",
+    "SELECTIVE_SCORES",
     "BrierScore",
     "DiversityMetrics",
     "EnsembleMetrics",
@@ -42,7 +55,12 @@ __all__ = [
     "NegativeLogLikelihood",
     "OODMetrics",
     "ReliabilityBins",
+    "SelectivePrediction",
+    "SelectiveScore",
+    "accuracy_at_coverage",
+    "aurc",
     "brier_score",
+    "coverage_key",
     "disagreement_matrix",
     "expected_calibration_error",
     "expected_member_entropy",
@@ -59,4 +77,6 @@ __all__ = [
     "predictive_log_probs",
     "predictive_probs",
     "predictive_variance",
+    "risk_coverage_curve",
+    "selective_scores",
 ]

@@ -36,6 +36,9 @@ FIT_TOLERANCE = 1e-4
 # The same weights evaluated on 1 or 2 processes: only metric reductions differ.
 EVAL_TOLERANCE = 1e-6
 METRICS = ("test/acc", "test/nll", "test/ece", "test/brier", "test/f1")
+# Rank-based metrics: exact for the same weights, but a 1e-6 change of two close
+# confidences after 20 training steps may swap them, so they are compared only in evaluation.
+EVAL_METRICS = (*METRICS, "test/aurc", "test/acc_at_cov90", "test/by_mi/aurc")
 
 
 def ddp_config(ckpt_dir: Path) -> dict[str, Any]:
@@ -123,7 +126,7 @@ def test_two_process_test_counts_every_sample_once(
         f"--trainer.default_root_dir={tmp_path / 'out'}",
     )
     double = read_test_metrics(tmp_path / "out")
-    for key in METRICS:
+    for key in EVAL_METRICS:
         assert abs(single[key] - double[key]) <= EVAL_TOLERANCE, (key, single[key], double[key])
 
 

@@ -165,3 +165,35 @@ def test_predictive_variance_of_eq_4_per_class_and_summed(tmp_path: Path) -> Non
         assert float(row["variance"]) == pytest.approx(expected[i].sum(), rel=1e-9, abs=1e-15)
     assert float(rows[0]["variance"]) < 1e-30  # float64 rounding of the mean only
     assert max(float(r["variance"]) for r in rows) > 0.01
+
+
+def test_a_calibrated_module_adds_abstain_and_calibrated_probs(tmp_path: Path) -> None:
+    """With a ``lorae calibrate`` record on the module, ``abstain`` follows ``pred_name`` and
+    ``calibrated_prob_*`` (``1/M sum_m softmax(z_m / T)``) follow ``prob_*``."""
+    from lorae.checkpoints.calibration import CalibrationRecord
+
+    logits, target = _logits(3, 16, 4, seed=5), torch.randint(0, 4, (16,))
+    module = EnsembleClassifier(lambda classes: GivenLogits(classes, 3), 4)
+    temperature = 2.5
+    calibrated = predictive_log_probs(logits.double(), temperature).exp()
+    threshold = float(calibrated.max(-1).values.median())
+    module.calibration = CalibrationRecord(temperature, 1.0, 0.9, 50, threshold=threshold)
+    with torch.no_grad():
+        batch = module.predict_step((logits.transpose(0, 1), target), 0)
+    writer = PredictionWriter()
+    writer.write_on_epoch_end(_trainer(tmp_path), None, [batch], [[list(range(16))]])  # type: ignore[arg-type]
+    assert writer.written is not None
+    with writer.written.open() as handle:
+        reader = csv.DictReader(handle)
+        rows = list(reader)
+    assert reader.fieldnames == prediction_columns(4, 3, False, False, True, True, True)
+    assert reader.fieldnames[3:5] == ["pred_name", "abstain"]
+    for i, row in enumerate(rows):
+        values = [float(row[f"calibrated_prob_{c}"]) for c in range(4)]
+        np.testing.assert_allclose(values, calibrated[i].numpy(), rtol=1e-12)
+        assert int(row["abstain"]) == int(max(values) < threshold)
+    assert {row["abstain"] for row in rows} == {"0", "1"}
+    module.calibration = CalibrationRecord(temperature, 1.0, 0.9, 50)  # no threshold
+    with torch.no_grad():
+        batch = module.predict_step((logits.transpose(0, 1), target), 0)
+    assert "abstain" not in batch and "calibrated_probs" in batch

@@ -32,9 +32,9 @@ from lorae.evaluation import (
     VariantResult,
 )
 from lorae.evaluation.report import write_test_artifacts
-from lorae.evaluation.result import key_table
+from lorae.evaluation.result import RiskCoverage, key_table
 from lorae.methods.base import EnsembleMethod
-from lorae.metrics import EnsembleMetrics, predictive_probs
+from lorae.metrics import EnsembleMetrics, accuracy_at_coverage, aurc, predictive_probs
 from lorae.module import EnsembleClassifier
 
 REPO = Path(__file__).resolve().parents[2]
@@ -46,6 +46,9 @@ def _per_variant_keys(m: int, diversity: bool, temperature: bool) -> list[str]:
     not change them: experiments/ and aggregate read these names)."""
     keys = ["acc", "f1", "ece", "nll", "brier", *(f"member_acc/{i}" for i in range(m))]
     keys += [f"ensemble_size/{k}/{n}" for k in range(1, m + 1) for n in ("acc", "ece", "nll")]
+    # selective prediction (issue 17, item 4): ranked by confidence, then by mutual information
+    selective = ["aurc", "acc_at_cov90", "acc_at_cov95", "acc_at_cov99"]
+    keys += selective + [f"by_mi/{n}" for n in selective]
     keys += [f"ood/noise/{s}/{q}" for s in ("msp", "entropy", "mi") for q in ("auroc", "auprc")]
     keys += [f"shift/blur/1/{n}" for n in ("acc", "f1", "ece", "nll", "brier")]
     if diversity:
@@ -93,7 +96,8 @@ def test_flattened_keys_are_the_old_key_set() -> None:
     result, _ = _computed()
     values = result.log_values()
     assert set(values) == _expected_keys(M)
-    assert len(values) == 103  # + diversity/jsd_per_sample (issue 14, item 7)
+    # 103 + diversity/jsd_per_sample (issue 14, item 7); + 8 selective keys per temperature
+    assert len(values) == 103 + 4 * 8
     assert values["test/calibrated/temperature"] == 1.3
     assert values["test/temperature/0.5/temperature"] == 0.5
 
@@ -118,6 +122,17 @@ def test_typed_fields_match_the_reference_metrics() -> None:
         assert shift.scores.acc == pytest.approx(float(acc))
         ood = variant.sets[0]
         assert isinstance(ood, OODResult) and set(ood.scores) == {"msp", "entropy", "mi"}
+        # selective prediction ranked by the confidence of the tempered predictive
+        probs = predictive_probs(data["test"][0], t)
+        confidence, correct = probs.max(-1).values, probs.argmax(-1) == data["test"][1]
+        selective = variant.selective["msp"]
+        assert selective.aurc == pytest.approx(float(aurc(confidence, correct)))
+        assert selective.acc_at_coverage[0.95] == pytest.approx(
+            float(accuracy_at_coverage(confidence, correct, 0.95))
+        )
+        assert len(selective.risk) == 40 and selective.coverage[-1] == 1.0
+        assert selective.risk[-1] == pytest.approx(1 - variant.scores.acc)
+        assert variant.selective["mi"].aurc != selective.aurc  # another ranking
     plain = result.variant("uncalibrated")
     assert plain is not None and plain.diversity is not None
     assert len(plain.diversity.jsd_matrix) == M
@@ -152,13 +167,19 @@ def _hand_made_result() -> TestResult:
         jsd_per_sample_matrix=((0.0, 0.07), (0.07, 0.0)),
     )
     sets = (OODResult("far", {"msp": Detection(0.9, 0.8)}), ShiftResult("blur", scores(0.4)))
+    coverage = (0.25, 0.5, 0.75, 1.0)
+    selective = {
+        "msp": RiskCoverage("msp", 1 / 24, {0.9: 0.75}, coverage, (0.0, 0.0, 0.0, 0.25)),
+        "mi": RiskCoverage("mi", 0.4, {0.9: 0.76}, coverage, (1.0, 0.5, 1 / 3, 0.25)),
+    }
+    plain = VariantResult(
+        Variant("uncalibrated", 1.0), scores(0.8), reliability, curve, diversity, sets, selective
+    )
     return TestResult(
         (
-            VariantResult(
-                Variant("uncalibrated", 1.0), scores(0.8), reliability, curve, diversity, sets
-            ),
-            VariantResult(Variant("sweep", 2.0), scores(0.6), reliability, curve, None, sets),
-            VariantResult(Variant("sweep", 0.5), scores(0.7), reliability, curve, None, sets),
+            plain,
+            VariantResult(Variant("sweep", 2.0), scores(0.6), reliability, curve, None, sets, {}),
+            VariantResult(Variant("sweep", 0.5), scores(0.7), reliability, curve, None, sets, {}),
         )
     )
 
@@ -168,8 +189,19 @@ def test_report_files_are_written_from_the_typed_result(tmp_path: Path) -> None:
     files = write_test_artifacts(tmp_path, result, plots=False)
     assert {p.name for p in files} == {
         "ensemble_size.csv", "ensemble_size.md", "diversity.json",
-        "temperature_sweep.csv", "temperature_sweep.md",
+        "temperature_sweep.csv", "temperature_sweep.md", "risk_coverage.csv",
     }  # fmt: skip
+    with (tmp_path / "risk_coverage.csv").open() as handle:
+        risk = list(csv.DictReader(handle))
+    assert list(risk[0]) == ["coverage", "risk", "risk_by_mi", "risk_oracle"]
+    assert [float(r["coverage"]) for r in risk] == [0.25, 0.5, 0.75, 1.0]
+    assert [float(r["risk_by_mi"]) for r in risk] == pytest.approx([1.0, 0.5, 1 / 3, 0.25])
+    # the oracle of 1 error in 4: the error answered last
+    assert [float(r["risk_oracle"]) for r in risk] == [0.0, 0.0, 0.0, 0.25]
+    values = result.log_values()
+    assert values["test/aurc"] == 1 / 24 and values["test/acc_at_cov90"] == 0.75
+    assert values["test/by_mi/aurc"] == 0.4 and values["test/by_mi/acc_at_cov90"] == 0.76
+    assert not any("aurc" in k for k in values if k.startswith("test/temperature/"))
     with (tmp_path / "ensemble_size.csv").open() as handle:
         rows = list(csv.DictReader(handle))
     assert [(int(r["k"]), float(r["acc"]), float(r["nll"])) for r in rows] == [
@@ -196,6 +228,7 @@ def test_report_figures_from_the_typed_result(tmp_path: Path) -> None:
     files = write_test_artifacts(tmp_path, _hand_made_result(), plots=True)
     names = {p.name for p in files}
     assert {"reliability.png", "ensemble_size.png", "disagreement.png", "jsd.png"} <= names
+    assert "risk_coverage.png" in names and (tmp_path / "risk_coverage.png").stat().st_size
     assert "reliability_calibrated.png" not in names  # no calibrated variant in this result
 
 

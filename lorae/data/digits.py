@@ -24,6 +24,14 @@ class DigitsDataModule(ClassificationDataModule):
     normalized with mean 0.5 and std 0.5, i.e. to ``[-1, 1]``. Test and validation splits are
     carved with ``seed`` (test first, so it does not change with ``val_fraction``).
 
+    ``pretrain_fraction`` carves a third part, after test and validation (which therefore stay
+    the same images), used only to pretrain the backbone
+    (:class:`lorae.training.PretrainBackbone`, paper appendix J): :attr:`pretrain_dataset`.
+    The training split is what remains, so the LoRA members train on images the backbone
+    never saw, as in the paper's main setting (a backbone pretrained on other data). Appendix
+    J itself pretrains and fine-tunes on the same images; ``pretrain_fraction: 0`` (the
+    default) with ``PretrainBackbone`` does that (it then pretrains on the training split).
+
     Shape:
         - inputs: float ``(B, 1, 8, 8)`` with values in ``[-1, 1]``.
         - target: long ``(B,)`` with values in ``[0, 10)``.
@@ -35,6 +43,8 @@ class DigitsDataModule(ClassificationDataModule):
         num_workers: Dataloader worker processes.
         val_fraction: Share of the samples held out for validation, in ``[0, 1)``.
         seed: Seed of the splits and of the training shuffle.
+        pretrain_fraction: Share of the samples held out of training for pretraining only,
+            in ``[0, 1)``; ``0`` carves none (:attr:`pretrain_dataset` is ``None``).
 
     Raises:
         ConfigError: If an argument is out of range.
@@ -48,6 +58,7 @@ class DigitsDataModule(ClassificationDataModule):
         num_workers: int = 0,
         val_fraction: float = 0.15,
         seed: int = 0,
+        pretrain_fraction: float = 0.0,
     ) -> None:
         super().__init__(
             batch_size=batch_size,
@@ -67,6 +78,19 @@ class DigitsDataModule(ClassificationDataModule):
                 f"< 1, got test_fraction={test_fraction!r}, val_fraction={self.val_fraction}."
             )
         self.test_fraction = float(test_fraction)
+        if (
+            isinstance(pretrain_fraction, bool)
+            or not isinstance(pretrain_fraction, (int, float))
+            or not 0.0 <= pretrain_fraction < 1.0
+            or self.test_fraction + self.val_fraction + pretrain_fraction >= 1.0
+        ):
+            raise ConfigError(
+                "pretrain_fraction must be a number in [0, 1) with test_fraction + val_fraction "
+                f"+ pretrain_fraction < 1, got pretrain_fraction={pretrain_fraction!r} "
+                f"(test_fraction={self.test_fraction}, val_fraction={self.val_fraction})."
+            )
+        self.pretrain_fraction = float(pretrain_fraction)
+        self._pretrain: Dataset[Any] | None = None
 
     @property
     def num_classes(self) -> int:
@@ -83,13 +107,21 @@ class DigitsDataModule(ClassificationDataModule):
         """``["0", ..., "9"]``."""
         return [str(i) for i in range(10)]
 
+    @property
+    def pretrain_dataset(self) -> Dataset[Any] | None:
+        """The images carved for pretraining only (``pretrain_fraction``), or ``None``."""
+        self.setup()
+        return self._pretrain
+
     def build_datasets(self) -> tuple[Dataset[Any], Dataset[Any], Dataset[Any]]:
-        """Load, normalize and split the digits."""
+        """Load, normalize and split the digits (test, validation, then pretraining part)."""
         from sklearn.datasets import load_digits
 
         features, labels = load_digits(return_X_y=True)
         images = torch.as_tensor(features, dtype=torch.float32).reshape(-1, 1, 8, 8) / 16.0
         images = (images - 0.5) / 0.5
         dataset = TensorDataset(images, torch.as_tensor(labels, dtype=torch.long))
-        train, test, val = seeded_split(dataset, (self.test_fraction, self.val_fraction), self.seed)
+        fractions = (self.test_fraction, self.val_fraction, self.pretrain_fraction)
+        train, test, val, pretrain = seeded_split(dataset, fractions, self.seed)
+        self._pretrain = pretrain if self.pretrain_fraction > 0 else None
         return train, val, test

@@ -1,7 +1,7 @@
 """Compare a rerun of the experiments with the tables of ``docs/results.md``: does running the
 same cells again, with the same seeds, give the same numbers (issue 8)?
 
-    python experiments/compare_rerun.py [--sst2 DIR] [--cifar10 DIR] \
+    python experiments/compare_rerun.py [--sst2 DIR] [--cifar10 DIR] [--sst2-paper DIR] \
         [--reference docs/results.md] [--output docs/reproducibility.md]
 
 The rerun folders have the layout the experiment scripts write (``<DIR>/runs/<method>/seed<S>/
@@ -13,6 +13,11 @@ difference between their printed numbers are reported. The CIFAR-10 pretraining 
 compared the same way, and each method's seed-0 figures byte for byte with the copies the
 reference links. The report is written to ``--output`` (Markdown, generated); the exit status
 is 1 when any compared row differs, 0 when all agree.
+
+``--sst2-paper DIR`` compares a rerun of the paper-protocol grid (``sst2_paper.py grid``, any
+subset of its tested cells) with the Tab. 8 table of the reference's paper-protocol section,
+and, when the rerun holds gain-sweep runs (``gain/gain.json``), each gain's row with the
+reference's gain table (``sst2_gain``).
 """
 
 from __future__ import annotations
@@ -29,8 +34,11 @@ if __package__ in (None, ""):  # run as `python experiments/compare_rerun.py`
 
 from experiments.make_results import (
     FIGURES,
+    PAPER_HEADING,
     QUALITY,
     SST2_OOD,
+    gain_rows,
+    gain_table,
     load_runs,
     pretrain_line,
     table,
@@ -43,6 +51,7 @@ REPO = Path(__file__).resolve().parents[1]
 EXPERIMENTS = {
     "sst2": ("## SST-2", [*QUALITY, *SST2_OOD]),
     "cifar10": ("## CIFAR-10", QUALITY),
+    "sst2_paper": (PAPER_HEADING, [*QUALITY, *SST2_OOD]),
 }
 _NUMBER = re.compile(r"-?\d+\.\d+")
 
@@ -144,6 +153,21 @@ def compare(experiment: str, rerun: Path, reference: str, figure_dir: Path) -> l
     return result
 
 
+def compare_gain(rerun: Path, reference: str) -> list[Comparison]:
+    """Each gain of ``rerun``'s sweep against the reference's gain table (none when the rerun
+    has no gain runs)."""
+    rows = gain_rows(rerun)
+    if not rows:
+        return []
+    rendered = gain_table(rows)
+    header = rendered.splitlines()[0]
+    theirs = table_rows(section(reference, PAPER_HEADING), header)
+    return [
+        Comparison("sst2_gain", gain, theirs.get(gain), row)
+        for gain, row in table_rows(rendered, header).items()
+    ]
+
+
 def machine(folders: dict[str, Path]) -> str:
     """Where the rerun ran: the first line of each rerun folder's ``env.txt`` (written beside
     the runs, e.g. CPU model and torch version), or "a machine not recorded"."""
@@ -158,7 +182,10 @@ def machine(folders: dict[str, Path]) -> str:
 def report(comparisons: Sequence[Comparison], folders: dict[str, Path], reference: Path) -> str:
     """The Markdown report."""
     command = " ".join(
-        ["python experiments/compare_rerun.py", *(f"--{k} {v}" for k, v in folders.items())]
+        [
+            "python experiments/compare_rerun.py",
+            *(f"--{k.replace('_', '-')} {v}" for k, v in folders.items()),
+        ]
     )
     same = sum(c.same for c in comparisons)
     lines = [
@@ -205,12 +232,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--cifar10", type=Path, help="rerun folder of experiments/cifar10_appendix_j.py"
     )
+    parser.add_argument(
+        "--sst2-paper", type=Path, help="rerun folder of experiments/sst2_paper.py (grid, gain)"
+    )
     parser.add_argument("--reference", type=Path, default=REPO / "docs" / "results.md")
     parser.add_argument("--output", type=Path, default=REPO / "docs" / "reproducibility.md")
     args = parser.parse_args(argv)
-    folders = {k: v for k, v in (("sst2", args.sst2), ("cifar10", args.cifar10)) if v}
+    given = (("sst2", args.sst2), ("cifar10", args.cifar10), ("sst2_paper", args.sst2_paper))
+    folders = {k: v for k, v in given if v}
     if not folders:
-        parser.error("give --sst2 and/or --cifar10: the rerun folders to compare")
+        parser.error("give --sst2, --cifar10 and/or --sst2-paper: the rerun folders to compare")
     if not args.reference.is_file():
         parser.error(f"reference {args.reference} not found (make it with make_results.py)")
     reference = args.reference.read_text()
@@ -218,6 +249,8 @@ def main(argv: list[str] | None = None) -> int:
     comparisons = [
         c for name, f in folders.items() for c in compare(name, f, reference, figure_dir)
     ]
+    if args.sst2_paper:
+        comparisons += compare_gain(args.sst2_paper, reference)
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(report(comparisons, folders, args.reference))
     same = sum(c.same for c in comparisons)

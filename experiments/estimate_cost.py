@@ -19,13 +19,24 @@ three times as long as SST-2 sentences). Model loading and start-up are not incl
 busy machine each measured time is multiplied by the run's CPU share (``cpu_seconds /
 wall_seconds`` of ``run.json``, at most 1), which estimates the time on an idle machine with
 ``--threads`` threads; both numbers are in ``estimate.json``.
+
+Without training anything, ``--from-records DIR`` estimates every cell of a grid from the kept
+records of an earlier grid (``experiments/records/<date>/sst2_minilm``: each run's
+``compute.train_seconds_per_epoch`` and ``compute.inference_seconds_per_sample`` times its CPU
+share), scaled per member and per sentence (:func:`cell_seconds`); ``sst2_grid.py --dry-run``
+prints these per-cell estimates, this script's ``--from-records`` the per-method sums:
+
+    python experiments/estimate_cost.py --from-records experiments/records/2026-11-27/sst2_minilm \
+        --protocol paper [--gains 1 4 20 40] [--threads 2]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as `python experiments/estimate_cost.py`
@@ -36,13 +47,148 @@ from experiments.sst2_grid import CONFIGS, LEARNING_RATES
 
 VAL_SIZE, TEST_SIZE = 1010, 5725
 
+#: The records the estimates of ``sst2_grid.py --dry-run`` start from.
+DEFAULT_RECORDS = Path(__file__).resolve().parent / "records" / "2026-11-27" / "sst2_minilm"
+#: Float32 time over the records' time. Those runs used bf16-mixed on a CPU with AMX; the
+#: per-method float32 / bf16 ratios measured in 2026-11 (experiments/README.md, "Cost") were
+#: 1.2-1.8 for training, so the largest is assumed for every method. On a CPU without AMX
+#: (DESIGN.md: bf16 about 9x slower there) run float32 and rescale with ``speed_factor``.
+PRECISION_FACTOR = {"32-true": 1.8, "32": 1.8, "bf16-mixed": 1.0}
+#: Seconds of start-up per ``lorae fit`` (imports, model and data loading).
+STARTUP_SECONDS = 30.0
+#: Extra test cost of Bayes-LoRA over its MAP network: the linearised predictive's Jacobian
+#: (C = 2 backward passes per sample) and the posterior fit (one pass with gradients over the
+#: training split), as multiples of single LoRA's evaluation / training time.
+BAYES_EVAL_FACTOR, BAYES_FIT_EPOCHS = 4.0, 1.0
+
+
+@dataclass(frozen=True)
+class Rate:
+    """Single-thread CPU seconds of one method, per member (from kept records).
+
+    Attributes:
+        train: seconds per training sentence and member (one epoch's training steps).
+        evaluate: seconds per evaluated sample and member (validation, test, OOD).
+        source: the recorded method the rates come from.
+    """
+
+    train: float
+    evaluate: float
+    source: str
+
+
+#: Methods without records of their own -> (recorded method, train factor, eval factor).
+SUBSTITUTES = {
+    "lora_ensemble_m8": ("lora_ensemble", 1.0, 1.0),
+    "bayes_lora": ("single_lora", 1.0, BAYES_EVAL_FACTOR),
+}
+
+
+def record_rates(folder: Path, train_limit: int = 4000) -> dict[str, Rate]:
+    """Per-member rates of every method in ``folder/runs/<method>/seed*/`` (mean over seeds).
+
+    Each run's ``compute.train_seconds_per_epoch`` (over ``train_limit`` sentences, the
+    grid's ``train_limit`` in its ``grid.json`` when it has one) and
+    ``compute.inference_seconds_per_sample`` are multiplied by its CPU share
+    (``cpu_seconds / wall_seconds`` of ``run.json``, at most 1) and divided by its members.
+    Methods in :data:`SUBSTITUTES` without records of their own borrow another's rates.
+    """
+    grid_path = folder / "grid.json"
+    if grid_path.is_file():
+        train_limit = json.loads(grid_path.read_text()).get("train_limit") or train_limit
+    sums: dict[str, list[tuple[float, float]]] = {}
+    for path in sorted((folder / "runs").glob("*/seed*/metrics.json")):
+        report = json.loads(path.read_text())
+        run = json.loads((path.parent / "run.json").read_text())
+        wall = float(run["wall_seconds"])
+        share = min(1.0, float(run["cpu_seconds"]) / wall) if wall > 0 else 1.0
+        members = int(report["method"].get("num_members") or 1)
+        compute = report["compute"]
+        train = float(compute["train_seconds_per_epoch"]) * share / train_limit / members
+        evaluate = float(compute["inference_seconds_per_sample"]) * share / members
+        sums.setdefault(path.parent.parent.name, []).append((train, evaluate))
+    rates = {
+        method: Rate(
+            sum(t for t, _ in values) / len(values),
+            sum(e for _, e in values) / len(values),
+            method,
+        )
+        for method, values in sums.items()
+    }
+    for method, (source, train_factor, eval_factor) in SUBSTITUTES.items():
+        if method not in rates and source in rates:
+            base = rates[source]
+            rates[method] = Rate(base.train * train_factor, base.evaluate * eval_factor, source)
+    return rates
+
+
+def cell_seconds(
+    rate: Rate,
+    *,
+    method: str,
+    members: int,
+    epochs: int,
+    train_limit: int,
+    test: bool,
+    precision: str = "32-true",
+    test_size: int = TEST_SIZE,
+    ood_limit: int = 2000,
+    ood_factor: float = 3.0,
+    speed_factor: float = 1.0,
+) -> dict[str, float]:
+    """Single-thread CPU seconds of one cell: ``epochs`` of training on ``train_limit``
+    sentences with validation (1,010 sentences) after each, and, when ``test``, the test split
+    and ``ood_limit`` OOD texts (``ood_factor`` times longer than SST-2 sentences), all linear
+    in ``members`` (every method passes ``M x B`` rows through its backbone; Bayes-LoRA
+    trains one network and samples its members from the linearised predictive, so its cost
+    is its MAP network's plus the posterior, whatever M), plus start-up.
+
+    Returns:
+        ``{"epoch": seconds of one training epoch with its validation, "total": ...}``.
+    """
+    factor = PRECISION_FACTOR.get(precision, 1.0) * speed_factor
+    if method == "bayes_lora":  # one MAP network; its samples are drawn in logit space
+        members = 1
+    train = rate.train * train_limit * members * factor
+    val = rate.evaluate * VAL_SIZE * members * factor
+    total = STARTUP_SECONDS + epochs * (train + val)
+    if test:
+        total += rate.evaluate * (test_size + ood_limit * ood_factor) * members * factor
+        if method == "bayes_lora":  # posterior fit: one pass over the training split
+            total += BAYES_FIT_EPOCHS * rate.train * train_limit * factor
+    return {"epoch": train + val, "total": total}
+
+
+def parallel_speedup(threads: int) -> float:
+    """Assumed wall-time speed-up of one run on ``threads`` threads (70% efficiency for
+    every thread after the first; small BERT batches do not scale linearly)."""
+    return 1.0 + 0.7 * (max(threads, 1) - 1)
+
+
+def hours(seconds: float) -> str:
+    """``seconds`` as hours with two decimals (``n/a`` for NaN)."""
+    return "n/a" if math.isnan(seconds) else f"{seconds / 3600:.2f}"
+
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter
     )
-    parser.add_argument("--data", type=Path, required=True, help="folder with sst2/, agnews/")
-    parser.add_argument("--output", type=Path, required=True)
+    parser.add_argument("--data", type=Path, help="folder with sst2/, agnews/ (measuring)")
+    parser.add_argument("--output", type=Path, help="where the measured runs go (measuring)")
+    parser.add_argument(
+        "--from-records",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="estimate from kept records (no training): the cells of sst2_grid.py\n"
+        "--protocol PROTOCOL with --train-limit, --threads (and the gain sweep's --gains)",
+    )
+    parser.add_argument("--protocol", default="paper", help="with --from-records")
+    parser.add_argument(
+        "--gains", type=float, nargs="*", default=None, help="with --from-records (paper)"
+    )
+    parser.add_argument("--speed-factor", type=float, default=1.0, help="with --from-records")
     parser.add_argument("--methods", nargs="+", default=list(LEARNING_RATES))
     parser.add_argument("--sentences", type=int, default=500, help="training sentences timed")
     parser.add_argument("--precisions", nargs="+", default=["32-true", "bf16-mixed"])
@@ -111,9 +257,59 @@ def extrapolate(args: argparse.Namespace, m: dict[str, float], method: str) -> d
     return {"train_epoch": train, "search": search, "seeds": seeds, "total": search + seeds}
 
 
+def from_records(args: argparse.Namespace) -> str:
+    """The per-method estimate (Markdown) of a grid's cells and, for the paper protocol, of
+    the gain sweep, from kept records; nothing is trained."""
+    from experiments import sst2_grid, sst2_paper
+
+    argv = ["--protocol", args.protocol, "--data", "DATA", "--output", "/nonexistent/grid"]
+    argv += ["--cost-records", str(args.from_records), "--threads", str(args.threads)]
+    argv += ["--speed-factor", str(args.speed_factor), "--train-limit", str(args.train_limit)]
+    argv += ["--epochs", str(args.epochs)]
+    cells = sst2_grid.plan(argv)
+    gains = sst2_paper.GAINS if args.gains is None else args.gains
+    if args.protocol == "paper" and gains:
+        grid = sst2_grid.parse(argv)
+        base = sst2_paper.config_gain(grid.configs)
+        cells += [
+            sst2_paper.gain_cell(grid, gain, seed, math.nan, base)
+            for gain in gains
+            if gain != base
+            for seed in grid.seeds
+        ]
+    groups: dict[tuple[str, str], list[float]] = {}
+    for cell in cells:
+        key = (str(cell.info["stage"]), str(cell.info["method"]))
+        groups.setdefault(key, []).append(cell.estimate_seconds or math.nan)
+    speedup = parallel_speedup(args.threads)
+    lines = [
+        f"Estimated from {args.from_records} ({args.protocol} protocol, "
+        f"{args.train_limit} sentences, {args.epochs} epochs, float32 = "
+        f"{PRECISION_FACTOR['32-true']} x the records' bf16, speed factor {args.speed_factor}):",
+        "",
+        "| stage | method | cells | CPU-h per cell (1 thread) | wall h per cell "
+        f"({args.threads} thread(s)) | CPU-h |",
+        "|---|---|---|---|---|---|",
+    ]
+    for (stage, method), values in groups.items():
+        lines.append(
+            f"| {stage} | {method} | {len(values)} | {hours(max(values))} | "
+            f"{hours(max(values) / speedup)} | {hours(sum(values))} |"
+        )
+    total = sum(v for values in groups.values() for v in values)
+    lines.append(f"| **all** | | **{len(cells)}** | | | **{hours(total)}** |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Measure and print the estimate as a Markdown table; writes ``estimate.json``."""
+    """Measure and print the estimate as a Markdown table; writes ``estimate.json``. With
+    ``--from-records`` print the estimate from kept records instead."""
     args = _parser().parse_args(argv)
+    if args.from_records is not None:
+        print(from_records(args))
+        return 0
+    if args.data is None or args.output is None:
+        raise SystemExit("error: give --data and --output (measuring) or --from-records DIR")
     set_threads(args.threads)
     grid_methods = args.grid_methods or args.methods
     report: dict[str, dict[str, dict[str, float]]] = {}

@@ -8,7 +8,11 @@ Kept, with their relative paths: every ``*.json`` outside ``checkpoints/`` (``gr
 ``lr_selection.json``, ``data/subset.json``, the learning-rate search's ``validation.json`` and
 ``selection.json``, each run's ``metrics.json``, ``run.json`` and ``diversity.json``), each
 run's ``ensemble_size.csv``, ``env.txt``, and the figures ``make_results`` links (seed 0's
-reliability diagram and ensemble-size curve, a few tens of kB each).
+reliability diagram and ensemble-size curve, a few tens of kB each). From the paper-protocol
+grid (``sst2_paper.py``) also each cell's ``attempts.json`` (the wall and CPU time of every
+attempt of a resumed cell), ``weight_diversity.json`` (the appendix E score) and the gain
+sweep's ``gain/gain.json``; ``lorae analyze``'s full output (``analysis/``, matrices and t-SNE
+coordinates) is left out.
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ def records(folder: Path) -> list[Path]:
     kept = []
     for path in folder.rglob("*"):
         relative = path.relative_to(folder)
-        if not path.is_file() or "checkpoints" in relative.parts:
+        if not path.is_file() or {"checkpoints", "analysis"} & set(relative.parts):
             continue
         if path.name in FIGURES and path.parent.name != "seed0":
             continue  # make_results links the first seed's figures only

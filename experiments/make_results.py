@@ -1,7 +1,16 @@
 """Generate ``docs/results.md`` from the experiment folders' ``metrics.json`` files.
 
     python experiments/make_results.py [--sst2 runs/sst2_minilm] [--cifar10 runs/cifar10_j] \
+        [--sst2-paper runs/sst2_paper] [--fsdd runs/fsdd_ast] \
         [--output docs/results.md] [--discussion experiments/discussion.md] [--discussion-only]
+
+Each folder may also be a kept copy of its records (``experiments/records/<date>/<name>``,
+``keep_records.py``). The paper-protocol SST-2 grid (``experiments/sst2_paper.py``, issue 18)
+adds a section only when its folder has finished runs: the Tab. 8-like table (mean ± std over
+seeds), the exact ``lorae`` command of every run, the Tab. 11-like gain table with its figure
+(appendix E diversity score against accuracy, ECE and NLL) and a cost table with the wall and
+CPU seconds of every cell. An FSDD section comes from ``experiments/fsdd_results.py`` when
+that module exists and defines ``section(folder, figure_dir, doc) -> str``.
 
 Every table cell is computed here from the runs (``lorae.cli.aggregate``: mean ± sample
 standard deviation over seeds); nothing is typed by hand except the discussion, which is read
@@ -14,9 +23,11 @@ how to produce it.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import math
 import shutil
+import statistics
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -265,6 +276,235 @@ def device_section(folder: Path) -> str:
     return "".join(parts)
 
 
+PAPER_COMMAND = (
+    "python experiments/sst2_paper.py grid --data /work/shared/data --output runs/sst2_paper"
+)
+GAIN_COMMAND = "python experiments/sst2_paper.py gain --grid runs/sst2_paper"
+PAPER_HEADING = "## SST-2 with all-MiniLM-L6-v2, the paper's protocol scaled down (Tab. 8, Tab. 11)"
+#: Name of the gain figure in docs/figures/results/.
+GAIN_FIGURE = "sst2_paper_gain.png"
+#: (key in a gain row, column title, digits) of the gain table.
+GAIN_COLUMNS = [
+    ("diversity", "Diversity score (App. E)", 4),
+    ("test/acc", "Accuracy", 4),
+    ("test/ece", "ECE", 4),
+    ("test/nll", "NLL", 4),
+    ("test/diversity/disagreement", "Disagreement (test)", 4),
+]
+
+
+def mean_std(values: Sequence[float], digits: int = 4) -> str:
+    """``mean ± sample std`` of the finite ``values`` (``n/a`` when none; no ± for one)."""
+    finite = [v for v in values if v is not None and not math.isnan(v)]
+    if not finite:
+        return "n/a"
+    text = f"{statistics.fmean(finite):.{digits}f}"
+    return text if len(finite) < 2 else f"{text} ± {statistics.stdev(finite):.{digits}f}"
+
+
+def grid_argv_command(folder: Path, script: str, fallback: str) -> str:
+    """The command that wrote ``folder/grid.json`` (its recorded ``argv``), else ``fallback``."""
+    path = folder / "grid.json"
+    if not path.is_file():
+        return fallback
+    argv = json.loads(path.read_text()).get("argv")
+    if argv is None:
+        return fallback
+    words = [w for w in argv if w not in ("--protocol", "paper")] if "grid" in script else argv
+    return " ".join([script, *words])
+
+
+def commands_block(reports: Sequence[dict[str, Any]]) -> str:
+    """Every run's exact ``lorae`` command (from its ``run.json``), grouped by method."""
+    groups: dict[str, list[str]] = {}
+    for report in reports:
+        run_path = report["_folder"] / "run.json"
+        run = json.loads(run_path.read_text()) if run_path.is_file() else {}
+        command = " ".join(run.get("command", ["(no run.json)"]))
+        groups.setdefault(report["method"]["method"], []).append(command)
+    blocks = [
+        f"{method}:\n\n```bash\n" + "\n".join(lines) + "\n```\n" for method, lines in groups.items()
+    ]
+    return "\n".join(blocks)
+
+
+def gain_rows(folder: Path) -> list[dict[str, Any]]:
+    """One row per gain of the sweep in ``folder/gain/gain.json``: the seeds and, per seed,
+    the appendix E diversity score (``weight_diversity.json``) and the test metrics."""
+    path = folder / "gain" / "gain.json"
+    if not path.is_file():
+        return []
+    sweep = json.loads(path.read_text())
+    rows = []
+    for gain in sweep["gains"]:
+        runs = folder / sweep["folders"][f"{gain:g}"]
+        seeds, values = [], {key: [] for key, _, _ in GAIN_COLUMNS}
+        for metrics_path in sorted(runs.glob("seed*/metrics.json")):
+            seeds.append(metrics_path.parent.name.removeprefix("seed"))
+            metrics = json.loads(metrics_path.read_text())["metrics"]
+            diversity_path = metrics_path.parent / "weight_diversity.json"
+            diversity = (
+                json.loads(diversity_path.read_text()).get("diversity_score_v")
+                if diversity_path.is_file()
+                else None
+            )
+            values["diversity"].append(math.nan if diversity is None else float(diversity))
+            for key, _, _ in GAIN_COLUMNS[1:]:
+                values[key].append(float(metrics.get(key, math.nan)))
+        if seeds:
+            rows.append({"gain": gain, "folder": runs, "seeds": seeds, "values": values})
+    return rows
+
+
+def gain_table(rows: Sequence[dict[str, Any]]) -> str:
+    """The Tab. 11-like table: per gain, mean ± std over its seeds."""
+    lines = [
+        "| gain | seeds | " + " | ".join(title for _, title, _ in GAIN_COLUMNS) + " |",
+        "|---|---|" + "---|" * len(GAIN_COLUMNS),
+    ]
+    for row in rows:
+        cells = " | ".join(mean_std(row["values"][k], d) for k, _, d in GAIN_COLUMNS)
+        lines.append(f"| {row['gain']:g} | {','.join(row['seeds'])} | {cells} |")
+    return "\n".join(lines) + "\n"
+
+
+def gain_figure(rows: Sequence[dict[str, Any]], path: Path) -> bool:
+    """Accuracy, ECE and NLL against the diversity score, one point per gain (mean ± std
+    over seeds, labelled with the gain), as Tab. 11 / Fig. 14. Returns False without
+    matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+
+    def stats(values: list[float]) -> tuple[float, float]:
+        finite = [v for v in values if not math.isnan(v)]
+        if not finite:
+            return math.nan, math.nan
+        return statistics.fmean(finite), statistics.stdev(finite) if len(finite) > 1 else 0.0
+
+    figure, axes = plt.subplots(1, 3, figsize=(12, 3.6))
+    for axis, (key, title, _) in zip(axes, GAIN_COLUMNS[1:4], strict=True):
+        xs = [stats(row["values"]["diversity"]) for row in rows]
+        ys = [stats(row["values"][key]) for row in rows]
+        axis.errorbar(
+            [x for x, _ in xs],
+            [y for y, _ in ys],
+            xerr=[e for _, e in xs],
+            yerr=[e for _, e in ys],
+            marker="o",
+            capsize=3,
+        )
+        for row, (x, _), (y, _) in zip(rows, xs, ys, strict=True):
+            axis.annotate(
+                f"gain {row['gain']:g}", (x, y), textcoords="offset points", xytext=(4, 4)
+            )
+        axis.set_xlabel("diversity score (1 - mean correlation of V updates)")
+        axis.set_ylabel(title)
+        axis.grid(alpha=0.3)
+    figure.suptitle("LoRA-Ensemble (M = 8) on SST-2 / all-MiniLM-L6-v2: Xavier gain sweep")
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return True
+
+
+def cost_rows(folder: Path) -> list[dict[str, Any]]:
+    """Every cell's ``run.json`` of a paper grid folder (search, tested runs, gain runs)."""
+    patterns = ("lr_search/*/*/run.json", "runs/*/seed*/run.json", "gain/*/seed*/run.json")
+    rows = []
+    for pattern in patterns:
+        for path in sorted(folder.glob(pattern)):
+            run = json.loads(path.read_text())
+            rows.append({"cell": path.parent.relative_to(folder).as_posix(), **run})
+    return rows
+
+
+def cost_table(rows: Sequence[dict[str, Any]]) -> str:
+    """Wall and CPU seconds of every cell (summed over its attempts), with its estimate."""
+    lines = [
+        "| cell | lr | threads | attempts | wall s | CPU s | estimated CPU s |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        estimate = row.get("estimate_seconds")
+        lines.append(
+            f"| {row['cell']} | {row.get('lr', 'n/a'):g} | {row.get('threads') or 'n/a'} | "
+            f"{row.get('attempts', 1)} | {row['wall_seconds']:,.0f} | "
+            f"{row['cpu_seconds']:,.0f} | {'n/a' if estimate is None else f'{estimate:,.0f}'} |"
+        )
+    wall = sum(float(r["wall_seconds"]) for r in rows)
+    cpu = sum(float(r["cpu_seconds"]) for r in rows)
+    lines.append(f"| **all {len(rows)} cells** | | | | **{wall:,.0f}** | **{cpu:,.0f}** | |")
+    return "\n".join(lines) + "\n"
+
+
+def paper_section(folder: Path, figure_dir: Path, doc: Path) -> str:
+    """The paper-protocol SST-2 section (empty when the grid has no finished runs)."""
+    reports = load_runs(folder)
+    if not reports:
+        return ""
+    grid_path = folder / "grid.json"
+    grid = json.loads(grid_path.read_text()) if grid_path.is_file() else {}
+    options = {k: v for k, v in grid.items() if k not in ("configs", "mode", "argv", "data")}
+    parts = [
+        f"{PAPER_HEADING}\n",
+        "\nThe paper's SST-2 protocol (appendix M) scaled to CPU: all-MiniLM-L6-v2 instead of "
+        "BERT base, a fixed subset of `sst2/train.tsv`; each method's learning rate from the "
+        "paper's grid by validation accuracy (the final epoch's), 3 epochs of linear decay, "
+        "M = 8 for every ensemble, the final weights tested on the test part of `dev.tsv`, OOD "
+        f"against AG News. Grid options: `{json.dumps(options)}`.\n\n```bash\n"
+        f"{grid_argv_command(folder, 'python experiments/sst2_paper.py grid', PAPER_COMMAND)}\n"
+        "```\n",
+    ]
+    selection_path = folder / "lr_selection.json"
+    if selection_path.is_file():
+        parts.append("\nLearning rates, chosen on the validation part only:\n\n")
+        parts.append(lr_table(json.loads(selection_path.read_text())))
+    parts.append("\nTest part, mean ± std over seeds (Tab. 8):\n\n")
+    parts.append(table(reports, [*QUALITY, *SST2_OOD]))
+    rows = gain_rows(folder)
+    if rows:
+        sweep = json.loads((folder / "gain" / "gain.json").read_text())
+        command = " ".join([GAIN_COMMAND.split(" --grid")[0], *sweep.get("argv", [])])
+        parts.append(
+            "\n### Xavier gain against diversity (Tab. 11, appendix E)\n\n"
+            f"LoRA-Ensemble (M = 8) at its chosen rate ({sweep['lr']:g}) with the LoRA A "
+            "factors drawn Xavier-uniform with each gain; gain "
+            f"{sweep['config_gain']:g} is the grid's own LoRA-Ensemble run. Diversity score: "
+            "one minus the mean pairwise Pearson correlation of the members' value-projection "
+            "updates, averaged over layers (appendix E; `lorae analyze`, "
+            "`weight_diversity.json`); disagreement: the members' mean pairwise disagreement "
+            f"on the test part. Mean ± std over seeds.\n\n```bash\n{command}\n```\n\n"
+        )
+        parts.append(gain_table(rows))
+        figure = figure_dir / GAIN_FIGURE
+        if gain_figure(rows, figure):
+            parts.append(f"\n![gain sweep]({figure.relative_to(doc.parent).as_posix()})\n")
+    parts.append("\nCost of every cell (wall and CPU seconds over all its attempts):\n\n")
+    parts.append(cost_table(cost_rows(folder)))
+    parts.append("\nThe exact command of every tested run:\n\n")
+    parts.append(commands_block(reports))
+    return "".join(parts)
+
+
+def fsdd_section(folder: Path, figure_dir: Path, doc: Path) -> str:
+    """The FSDD section of ``experiments/fsdd_results.py`` (its ``section`` function), or
+    nothing while that module or its runs do not exist."""
+    try:
+        module = importlib.import_module("experiments.fsdd_results")
+    except ModuleNotFoundError:
+        return ""
+    section = getattr(module, "section", None)
+    if section is None or not folder.exists():
+        return ""
+    return str(section(folder, figure_dir, doc))
+
+
 DISCUSSION_MARKER = "<!-- from experiments/discussion.md -->"
 
 
@@ -279,14 +519,29 @@ def replace_discussion(document: str, discussion: Path) -> str:
     return f"{head}{marker}\n{discussion.read_text().strip()}\n"
 
 
-def render(sst2: Path, cifar10: Path, discussion: Path, doc: Path, device: Path) -> str:
-    """The whole document."""
+def render(
+    sst2: Path,
+    cifar10: Path,
+    discussion: Path,
+    doc: Path,
+    device: Path,
+    sst2_paper: Path | None = None,
+    fsdd: Path | None = None,
+) -> str:
+    """The whole document. The paper-protocol and FSDD sections appear only when their runs
+    exist, so the document of the earlier records regenerates unchanged."""
     figure_dir = doc.parent / "figures" / "results"
     text = discussion.read_text().strip() if discussion.is_file() else ""
     grid_path = sst2 / "grid.json"
     sst2_command = (
         grid_command(json.loads(grid_path.read_text())) if grid_path.is_file() else SST2_COMMAND
     )
+    paper = paper_section(sst2_paper, figure_dir, doc) if sst2_paper is not None else ""
+    fsdd_part = fsdd_section(fsdd, figure_dir, doc) if fsdd is not None else ""
+    heading = "## Comparison with the paper (Tab. 8 and Tab. 16)\n"
+    if paper:
+        heading = "## Comparison with the paper (Tab. 8, Tab. 11 and Tab. 16)\n"
+    extra = [part for part in (paper, fsdd_part) if part]
     return "\n".join(
         [
             "<!-- Generated by `python experiments/make_results.py`; do not edit by hand. "
@@ -307,7 +562,8 @@ def render(sst2: Path, cifar10: Path, discussion: Path, doc: Path, device: Path)
             sst2_section(sst2, figure_dir, doc),
             cifar_section(cifar10, figure_dir, doc),
             device_section(device),
-            "## Comparison with the paper (Tab. 8 and Tab. 16)\n",
+            *extra,
+            heading,
             DISCUSSION_MARKER,
             text or "_No discussion written yet (experiments/discussion.md)._",
             "",
@@ -326,6 +582,15 @@ def main(argv: list[str] | None = None) -> int:
         default=Path("runs/device_h200/cifar10_j"),
         help="the CIFAR-10 pipeline's output folder from a GPU machine (optional)",
     )
+    parser.add_argument(
+        "--sst2-paper",
+        type=Path,
+        default=Path("runs/sst2_paper"),
+        help="the paper-protocol grid (experiments/sst2_paper.py; a section when it has runs)",
+    )
+    parser.add_argument(
+        "--fsdd", type=Path, default=Path("runs/fsdd_ast"), help="FSDD runs (fsdd_results.py)"
+    )
     parser.add_argument("--output", type=Path, default=REPO / "docs" / "results.md")
     parser.add_argument("--discussion", type=Path, default=REPO / "experiments" / "discussion.md")
     parser.add_argument(
@@ -343,7 +608,15 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(
-        render(args.sst2, args.cifar10, args.discussion, args.output, args.cifar10_device)
+        render(
+            args.sst2,
+            args.cifar10,
+            args.discussion,
+            args.output,
+            args.cifar10_device,
+            args.sst2_paper,
+            args.fsdd,
+        )
     )
     print(f"Written: {args.output}")
     return 0

@@ -23,6 +23,18 @@ grid. A seed sets ``seed_everything`` and the data module's ``seed`` (shuffle or
 subsets use the config's fixed ``subset_seed``. ``trainer.deterministic`` is on in the configs,
 so a cell rerun with the same seed gives the same numbers. ``--jobs 2`` runs two methods at a
 time (one CPU thread each by default).
+
+``--protocol paper`` (issue 18) is the paper's SST-2 protocol (appendix M) scaled down: every
+method, Bayes-LoRA included, searches the same rates of the paper's grid (default
+:data:`PAPER_LRS`, ``--lrs`` for more of :data:`PAPER_FULL_GRID`) and keeps the one with the
+highest validation accuracy ("select the learning rate [...] that yields the highest
+accuracy"), 3 epochs, M = 8 for every ensemble (``--members``), at least 4,000 training
+sentences, float32. Each run tests its final weights (3 epochs of linear decay to 0, as the
+paper) and saves its full state after every epoch, so an interrupted cell resumes from its
+last epoch (``checkpoints/last.ckpt``) instead of starting over; finished cells drop their
+checkpoints, after the appendix E weight diversity of LoRA-Ensemble is computed from them
+(``lorae analyze``, ``weight_diversity.json``). ``--dry-run`` lists every cell with its
+estimated CPU time (:mod:`experiments.estimate_cost`, from kept records).
 """
 
 from __future__ import annotations
@@ -31,14 +43,28 @@ import argparse
 import json
 import shutil
 import sys
-from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
+
+import yaml
 
 if __package__ in (None, ""):  # run as `python experiments/sst2_grid.py`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from experiments.runner import Cell, best_validation_row, parse_overrides, run_cell, set_threads
+from experiments.runner import (
+    SELECT,
+    Cell,
+    Mode,
+    best_validation_row,
+    final_checkpoint_callbacks,
+    lr_label,
+    parallel,
+    parse_overrides,
+    run_cell,
+    select_lr,
+    set_threads,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs" / "sst2_minilm"
@@ -53,11 +79,72 @@ LEARNING_RATES: dict[str, list[float]] = {
     "lora_ensemble": [1e-4, 5e-4, 1e-3],
     "lora_ensemble_m8": [1e-4, 5e-4, 1e-3],
     "batch_ensemble": [2e-5, 5e-5, 1e-4],
+    "bayes_lora": [1e-4, 5e-4, 1e-3],
 }
-DEFAULT_METHODS = [m for m in LEARNING_RATES if m != "lora_ensemble_m8"]
+DEFAULT_METHODS = [m for m in LEARNING_RATES if m not in ("lora_ensemble_m8", "bayes_lora")]
 
-#: Selection metric -> whether lower is better.
-SELECT: dict[str, Literal["min", "max"]] = {"val/nll": "min", "val/acc": "max", "val/ece": "min"}
+#: The paper's learning-rate grid for SST-2, the same for every method (appendix M).
+PAPER_FULL_GRID = [2e-6, 7e-6, 9e-6, 2e-5, 3e-5, 5e-5, 7e-5]
+#: The part of it the scaled-down protocol searches by default (issue 18: at least these).
+PAPER_LRS = [2e-5, 5e-5, 7e-5]
+#: Tab. 8's methods (config stems).
+PAPER_METHODS = [
+    "single_network",
+    "single_lora",
+    "mc_dropout",
+    "explicit_ensemble",
+    "lora_ensemble",
+    "batch_ensemble",
+    "bayes_lora",
+]
+#: Methods whose ``num_members`` ``--members`` sets (MC Dropout: stochastic passes;
+#: Bayes-LoRA: posterior samples of the linearised predictive).
+ENSEMBLES = {"mc_dropout", "explicit_ensemble", "lora_ensemble", "batch_ensemble", "bayes_lora"}
+#: Members of each config when ``--members`` is not given.
+CONFIG_MEMBERS = {
+    "single_network": 1,
+    "single_lora": 1,
+    "lora_ensemble_m8": 8,
+    "bayes_lora": 512,
+    **{m: 4 for m in ("mc_dropout", "explicit_ensemble", "lora_ensemble", "batch_ensemble")},
+}
+
+Checkpoint = Literal["config", "final"]
+
+
+@dataclass(frozen=True)
+class Protocol:
+    """Defaults of one ``--protocol`` (each can still be given on the command line).
+
+    Attributes:
+        methods: config stems run by default.
+        lrs: one candidate list for every method (``None``: :data:`LEARNING_RATES`).
+        select: validation metric that picks the rate.
+        epochs: training epochs (``None``: the configs' 3).
+        members: M of every method in :data:`ENSEMBLES` (``None``: the configs').
+        train_limit: training sentences (``None``: the configs' 4,000).
+        checkpoint: ``"config"``: the config's checkpoint (lowest ``val/nll``) is tested and
+            its epoch gives the validation metrics; ``"final"``: the final weights, with a
+            full checkpoint after every epoch to resume from.
+        analyze: methods whose tested runs get the appendix E weight diversity.
+    """
+
+    methods: tuple[str, ...]
+    lrs: tuple[float, ...] | None
+    select: str
+    epochs: int | None
+    members: int | None
+    train_limit: int | None
+    checkpoint: Checkpoint
+    analyze: tuple[str, ...]
+
+
+PROTOCOLS = {
+    "dev": Protocol(tuple(DEFAULT_METHODS), None, "val/nll", None, None, None, "config", ()),
+    "paper": Protocol(
+        tuple(PAPER_METHODS), tuple(PAPER_LRS), "val/acc", 3, 8, 4000, "final", ("lora_ensemble",)
+    ),
+}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -66,13 +153,24 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--data", type=Path, required=True, help="folder holding sst2/ and agnews/")
     parser.add_argument("--output", type=Path, required=True, help="grid folder")
+    parser.add_argument(
+        "--protocol",
+        choices=sorted(PROTOCOLS),
+        default="dev",
+        help="dev: the CPU development grid of docs/results.md (default); paper: appendix M\n"
+        f"scaled down ({', '.join(PAPER_METHODS)}; lrs {' '.join(map(str, PAPER_LRS))};\n"
+        "val/acc; 3 epochs; M = 8; 4,000 sentences; final weights; resumable per epoch)",
+    )
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument(
         "--methods",
         nargs="+",
-        default=DEFAULT_METHODS,
+        default=None,
         choices=sorted(LEARNING_RATES),
-        help=f"config stems (default: {' '.join(DEFAULT_METHODS)}; add lora_ensemble_m8)",
+        help=f"config stems (default dev: {' '.join(DEFAULT_METHODS)}; add lora_ensemble_m8)",
+    )
+    parser.add_argument(
+        "--members", type=int, default=None, help="M of every ensemble (paper: 8; dev: configs')"
     )
     parser.add_argument(
         "--lrs", type=float, nargs="+", default=None, help="one LR list for every method"
@@ -95,7 +193,9 @@ def _parser() -> argparse.ArgumentParser:
         help="no search: every method trains its seeds at LR (e.g. to rerun stage 2 at the\n"
         "rate a finished grid chose; recorded in grid.json, no lr_selection.json)",
     )
-    parser.add_argument("--select", choices=sorted(SELECT), default="val/nll")
+    parser.add_argument(
+        "--select", choices=sorted(SELECT), default=None, help="dev: val/nll; paper: val/acc"
+    )
     parser.add_argument("--precision", default="32-true", choices=["32-true", "32", "bf16-mixed"])
     parser.add_argument("--epochs", type=int, default=None, help="default: the configs' 3")
     parser.add_argument(
@@ -103,6 +203,24 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--max-length", type=int, default=None, help="default: configs' 64")
     parser.add_argument("--train-limit", type=int, default=None, help="default: 4000")
+    parser.add_argument(
+        "--analyze",
+        nargs="*",
+        default=None,
+        metavar="METHOD",
+        help="methods whose tested runs get the appendix E weight diversity (`lorae analyze`\n"
+        "on the final checkpoint; paper default: lora_ensemble)",
+    )
+    parser.add_argument(
+        "--cost-records",
+        type=Path,
+        default=None,
+        help="kept records the --dry-run estimates start from (default: experiments/records/\n"
+        "2026-11-27/sst2_minilm)",
+    )
+    parser.add_argument(
+        "--speed-factor", type=float, default=1.0, help="scales every estimate (this CPU's)"
+    )
     parser.add_argument(
         "--test-limit", type=int, default=None, help="test sentences (default: all 5,725)"
     )
@@ -128,8 +246,41 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--keep-lr-checkpoints", action="store_true", help="keep the LR search checkpoints"
     )
+    parser.add_argument(
+        "--keep-checkpoints",
+        action="store_true",
+        help="paper protocol: keep the tested runs' last.ckpt (default: removed when done)",
+    )
     parser.add_argument("--dry-run", action="store_true", help="print the commands only")
     return parser
+
+
+def resolve_protocol(args: argparse.Namespace) -> argparse.Namespace:
+    """Fill the options left unset with ``--protocol``'s defaults (in place; returned)."""
+    protocol = PROTOCOLS[args.protocol]
+    if args.methods is None:
+        args.methods = list(protocol.methods)
+    if args.select is None:
+        args.select = protocol.select
+    if args.epochs is None:
+        args.epochs = protocol.epochs
+    if args.members is None:
+        args.members = protocol.members
+    if args.train_limit is None:
+        args.train_limit = protocol.train_limit
+    if args.lrs is None and protocol.lrs is not None and args.fixed_lr is None:
+        args.lrs = list(protocol.lrs)
+    if args.analyze is None:
+        args.analyze = list(protocol.analyze)
+    args.checkpoint = protocol.checkpoint
+    return args
+
+
+def members_of(args: argparse.Namespace, method: str) -> int:
+    """M of ``method``'s runs: ``--members`` for an ensemble, else its config's."""
+    if args.members is not None and method in ENSEMBLES:
+        return int(args.members)
+    return CONFIG_MEMBERS.get(method, 1)
 
 
 def common_args(args: argparse.Namespace, method: str, seed: int, lr: float) -> list[str]:
@@ -157,12 +308,58 @@ def common_args(args: argparse.Namespace, method: str, seed: int, lr: float) -> 
     ):
         if value is not None:
             result.append(f"--{option}={value}")
+    if args.members is not None and method in ENSEMBLES:
+        result.append(f"--model.method.init_args.num_members={args.members}")
     return [*result, *parse_overrides(args.override)]
 
 
-def lr_label(lr: float) -> str:
-    """Folder-name form of a learning rate, e.g. ``0.0005`` -> ``lr5e-04``."""
-    return f"lr{lr:.0e}"
+def _estimate(args: argparse.Namespace, method: str, epochs: int, test: bool) -> float | None:
+    """Estimated single-thread CPU seconds of one cell (``None`` without records)."""
+    from experiments import estimate_cost  # here: estimate_cost imports this module
+
+    rates = getattr(args, "_rates", None)
+    if rates is None:
+        records = args.cost_records or estimate_cost.DEFAULT_RECORDS
+        rates = estimate_cost.record_rates(records) if records.is_dir() else {}
+        args._rates = rates
+    if method not in rates:
+        return None
+    return estimate_cost.cell_seconds(
+        rates[method],
+        method=method,
+        members=members_of(args, method),
+        epochs=epochs,
+        train_limit=args.train_limit or 4000,
+        test=test,
+        precision=args.precision,
+        test_size=args.test_limit or estimate_cost.TEST_SIZE,
+        ood_limit=args.ood_limit or 2000,
+        speed_factor=args.speed_factor,
+    )["total"]
+
+
+def make_cell(
+    args: argparse.Namespace,
+    folder: Path,
+    cell_args: list[str],
+    info: dict[str, Any],
+    *,
+    marker: str = "metrics.json",
+    epochs: int | None = None,
+    test: bool = True,
+) -> Cell:
+    """A cell of this grid: with ``--protocol paper`` resumable (a full checkpoint after each
+    epoch, the final weights tested), with its estimated CPU seconds."""
+    final = args.checkpoint == "final"
+    return Cell(
+        folder,
+        cell_args,
+        marker=marker,
+        info=info,
+        callbacks=final_checkpoint_callbacks() if final else None,
+        resume=final,
+        estimate_seconds=_estimate(args, info["method"], epochs or 3, test),
+    )
 
 
 def search_cells(args: argparse.Namespace, method: str) -> list[tuple[float, Cell]]:
@@ -175,13 +372,24 @@ def search_cells(args: argparse.Namespace, method: str) -> list[tuple[float, Cel
         if epochs is not None:
             cell_args.append(f"--trainer.max_epochs={epochs}")
         info = {"stage": "lr_search", "method": method, "lr": lr, "seed": args.lr_seed}
-        cells.append((lr, Cell(folder, cell_args, marker="validation.json", info=info)))
+        cell = make_cell(
+            args, folder, cell_args, info, marker="validation.json", epochs=epochs, test=False
+        )
+        cells.append((lr, cell))
     return cells
 
 
-def finish_search_cell(cell: Cell, monitor: str, keep_checkpoints: bool) -> dict[str, Any]:
-    """Read the validation metrics of a finished search run and write its marker."""
-    row = best_validation_row(cell.folder / "csv" / "metrics.csv", "val/nll", "min")
+def finish_search_cell(
+    cell: Cell, monitor: str, keep_checkpoints: bool, checkpoint: Checkpoint = "config"
+) -> dict[str, Any]:
+    """Read the validation metrics of a finished search run and write its marker: those of
+    the epoch the run would test (``checkpoint="config"``: the lowest ``val/nll``, the
+    configs' checkpoint; ``"final"``: the last epoch)."""
+    metrics = cell.folder / "csv" / "metrics.csv"
+    if checkpoint == "final":
+        row = best_validation_row(metrics, monitor, "last")
+    else:
+        row = best_validation_row(metrics, "val/nll", "min")
     summary = {"checkpoint_epoch": row.pop("epoch"), **row, "selected_by": monitor}
     (cell.folder / cell.marker).write_text(json.dumps(summary, indent=2) + "\n")
     if not keep_checkpoints:
@@ -189,18 +397,12 @@ def finish_search_cell(cell: Cell, monitor: str, keep_checkpoints: bool) -> dict
     return summary
 
 
-def select_lr(
-    candidates: dict[float, dict[str, Any]], monitor: str
-) -> tuple[float, dict[str, Any]]:
-    """The learning rate whose validation ``monitor`` is best (ties: the smaller rate).
-
-    Args:
-        candidates: Learning rate -> validation summary (``val/<metric>`` keys).
-        monitor: A key of :data:`SELECT`.
-    """
-    sign = 1.0 if SELECT[monitor] == "min" else -1.0
-    lr = min(sorted(candidates), key=lambda rate: sign * candidates[rate][monitor])
-    return lr, candidates[lr]
+def print_cell(cell: Cell) -> None:
+    """A dry run's listing of one cell: its folder and estimate, then its command."""
+    estimate = cell.estimate_seconds
+    cost = "estimate n/a" if estimate is None else f"~{estimate / 3600:.2f} CPU-h"
+    print(f"# {cell.folder} ({cost})")
+    print(" ".join(["lorae", *cell.args]))
 
 
 def search_method(args: argparse.Namespace, method: str) -> dict[str, Any] | None:
@@ -209,7 +411,8 @@ def search_method(args: argparse.Namespace, method: str) -> dict[str, Any] | Non
     candidates: dict[float, dict[str, Any]] = {}
     for lr, cell in search_cells(args, method):
         if args.dry_run:
-            print(" ".join(["lorae", *cell.args]))
+            print_cell(cell)
+            args._planned.append(cell)
             continue
         record = run_cell(cell, args.mode)
         if record["returncode"] != 0:
@@ -218,7 +421,7 @@ def search_method(args: argparse.Namespace, method: str) -> dict[str, Any] | Non
         summary = (
             json.loads((cell.folder / cell.marker).read_text())
             if record["skipped"]
-            else finish_search_cell(cell, args.select, args.keep_lr_checkpoints)
+            else finish_search_cell(cell, args.select, args.keep_lr_checkpoints, args.checkpoint)
         )
         candidates[lr] = {**summary, "wall_seconds": record.get("wall_seconds")}
         print(f"[lr search] {method} lr={lr:g}: {args.select}={summary[args.select]:.4f}")
@@ -239,24 +442,125 @@ def search_method(args: argparse.Namespace, method: str) -> dict[str, Any] | Non
     return choice
 
 
+#: Written next to an analysed run: the appendix E score and a few function-space numbers.
+DIVERSITY_FILE = "weight_diversity.json"
+#: Validation sentences ``lorae analyze`` runs (its function-space numbers only; the appendix
+#: E score reads the weights).
+ANALYZE_SAMPLES = 64
+#: The run's saved ``config.yaml`` without the ``fit``-only keys ``lorae analyze`` refuses.
+ANALYZE_CONFIG = "analyze_config.yaml"
+FIT_ONLY_KEYS = ("ckpt_path", "weights_only")
+
+
+def analyze_config(folder: Path) -> Path:
+    """Write ``folder/analyze_config.yaml``: the run's ``config.yaml`` without
+    :data:`FIT_ONLY_KEYS`."""
+    config = yaml.safe_load((folder / "config.yaml").read_text())
+    for key in FIT_ONLY_KEYS:
+        config.pop(key, None)
+    path = folder / ANALYZE_CONFIG
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
+def analysis_cell(folder: Path) -> Cell:
+    """``lorae analyze`` of a finished run's final checkpoint into ``folder/analysis``."""
+    return Cell(
+        folder / "analysis",
+        [
+            "analyze",
+            "--config",
+            str(folder / ANALYZE_CONFIG),
+            "--ckpt_path",
+            str(folder / "checkpoints" / "last.ckpt"),
+            "--output_dir",
+            str(folder / "analysis"),
+            "--split",
+            "val",
+            "--max_samples",
+            str(ANALYZE_SAMPLES),
+            "--plots",
+            "false",
+        ],
+        marker="analysis.json",
+        info={"stage": "analyze"},
+        log_config=False,
+    )
+
+
+def analyze_run(folder: Path, mode: Mode) -> dict[str, Any] | None:
+    """Write ``folder/weight_diversity.json`` from ``lorae analyze`` of the run's
+    ``checkpoints/last.ckpt`` (the appendix E diversity score ``diversity_score_v``, the
+    members' mean disagreement and JSD on :data:`ANALYZE_SAMPLES` validation sentences).
+
+    Returns:
+        The record; ``None`` when the analysis failed or the checkpoint is gone.
+    """
+    target = folder / DIVERSITY_FILE
+    if target.is_file():
+        return dict(json.loads(target.read_text()))
+    if not (folder / "checkpoints" / "last.ckpt").is_file():
+        print(f"[analyze] {folder}: no checkpoints/last.ckpt; rerun the cell to analyse it")
+        return None
+    analyze_config(folder)
+    cell = analysis_cell(folder)
+    record = run_cell(cell, mode)
+    if record["returncode"] != 0:
+        print(f"[analyze] {folder}: FAILED, see {cell.folder / 'lorae.log'}")
+        return None
+    analysis = json.loads((cell.folder / cell.marker).read_text())
+    result = {
+        "diversity_score_v": analysis.get("weights", analysis).get("diversity_score_v"),
+        "disagreement": analysis.get("disagreement"),
+        "jsd_bits": analysis.get("jsd_bits"),
+        "split": "val",
+        "max_samples": ANALYZE_SAMPLES,
+        "command": record["command"],
+        "wall_seconds": record["wall_seconds"],
+        "cpu_seconds": record["cpu_seconds"],
+    }
+    target.write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
+def finish_test_cell(args: argparse.Namespace, method: str, folder: Path) -> None:
+    """After a tested paper-protocol run: its weight diversity (``--analyze`` methods), then
+    remove its checkpoints (unless ``--keep-checkpoints``)."""
+    if args.checkpoint != "final":
+        return
+    if method in args.analyze and analyze_run(folder, args.mode) is None:
+        return  # keep the checkpoint for the next attempt
+    if not args.keep_checkpoints:
+        shutil.rmtree(folder / "checkpoints", ignore_errors=True)
+        shutil.rmtree(folder / "analysis", ignore_errors=True)
+
+
+def test_cell(args: argparse.Namespace, method: str, seed: int, lr: float) -> Cell:
+    """The stage 2 cell of ``method`` and ``seed`` at ``lr`` (trained and tested)."""
+    folder = args.output / "runs" / method / f"seed{seed}"
+    cell_args = [*common_args(args, method, seed, lr), "--test_after_fit=true"]
+    if args.epochs is not None:
+        cell_args.append(f"--trainer.max_epochs={args.epochs}")
+    info = {"stage": "test", "method": method, "lr": lr, "seed": seed}
+    return make_cell(args, folder, cell_args, info, epochs=args.epochs)
+
+
 def seed_runs(args: argparse.Namespace, method: str, lr: float) -> int:
     """Stage 2 for one method: train and test at ``lr`` for every seed; returns failures."""
     failed = 0
     for seed in args.seeds:
-        folder = args.output / "runs" / method / f"seed{seed}"
-        cell_args = [*common_args(args, method, seed, lr), "--test_after_fit=true"]
-        if args.epochs is not None:
-            cell_args.append(f"--trainer.max_epochs={args.epochs}")
-        info = {"stage": "test", "method": method, "lr": lr, "seed": seed}
-        cell = Cell(folder, cell_args, info=info)
+        cell = test_cell(args, method, seed, lr)
         if args.dry_run:
-            print(" ".join(["lorae", *cell.args]))
+            print_cell(cell)
+            args._planned.append(cell)
             continue
         record = run_cell(cell, args.mode)
         state = "skipped (done)" if record["skipped"] else f"{record['wall_seconds']:.0f} s"
         if record["returncode"] != 0:
             failed += 1
-            state = f"FAILED, see {folder / 'lorae.log'}"
+            state = f"FAILED, see {cell.folder / 'lorae.log'}"
+        else:
+            finish_test_cell(args, method, cell.folder)
         print(f"[test] {method} seed {seed} lr={lr:g}: {state}")
     return failed
 
@@ -276,14 +580,6 @@ def shared_lrs(args: argparse.Namespace) -> dict[str, str]:
     return shared
 
 
-def _parallel(args: argparse.Namespace, work: Any, methods: list[str]) -> list[Any]:
-    """``work(method)`` for every method, ``--jobs`` at a time, results in order."""
-    if args.jobs == 1:
-        return [work(method) for method in methods]
-    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-        return list(pool.map(work, methods))
-
-
 def write_selection(args: argparse.Namespace) -> dict[str, Any]:
     """Collect every method's ``selection.json`` into ``<output>/lr_selection.json``."""
     selection = {}
@@ -295,28 +591,56 @@ def write_selection(args: argparse.Namespace) -> dict[str, Any]:
     return selection
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Run both stages for every method; returns the number of failed runs (0: success).
+def print_plan(cells: list[Cell], threads: int) -> None:
+    """A dry run's summary: cells, total and longest estimated CPU time."""
+    from experiments.estimate_cost import parallel_speedup
 
-    First every method's learning-rate search (except ``--share-lr`` targets), then every
-    method's seeds. With ``--jobs N`` up to N methods run at the same time, each as its own
-    sequence of child processes.
-    """
-    args = _parser().parse_args(argv)
+    known = [c.estimate_seconds for c in cells if c.estimate_seconds is not None]
+    print(f"# {len(cells)} cells", end="")
+    if known:
+        longest = max(known) / parallel_speedup(threads) / 3600
+        print(
+            f"; estimated {sum(known) / 3600:.1f} CPU-hours (1 thread) for the {len(known)} "
+            f"with an estimate; the longest cell about {longest:.2f} h wall on {threads} "
+            "thread(s)",
+            end="",
+        )
+    print()
+
+
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    """The command line with ``--protocol``'s defaults filled in, checked."""
+    args = resolve_protocol(_parser().parse_args(argv))
+    args.argv = list(argv) if argv is not None else sys.argv[1:]
     if args.jobs > 1 and args.mode != "subprocess":
         raise SystemExit("error: --jobs > 1 needs --mode subprocess")
-    set_threads(args.threads)
-    args.output.mkdir(parents=True, exist_ok=True)
-    if not args.dry_run:
-        options = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
-        (args.output / "grid.json").write_text(json.dumps(options, indent=2) + "\n")
+    if args.protocol == "paper" and (args.train_limit or 0) < 4000:
+        print("warning: --train-limit below the paper protocol's 4,000 sentences (a smoke run?)")
+    args._planned = []
+    return args
+
+
+def plan(argv: list[str]) -> list[Cell]:
+    """Every cell a grid command would run (stage 2 at ``lr=nan``), without running or
+    printing anything."""
+    import contextlib
+    import io
+
+    args = parse([*argv, "--dry-run"])
+    with contextlib.redirect_stdout(io.StringIO()):
+        run_grid(args)
+    return list(args._planned)
+
+
+def run_grid(args: argparse.Namespace) -> int:
+    """Both stages for every method; returns the number of failed runs."""
     if args.fixed_lr is not None:  # stage 2 only
         if args.lrs or args.share_lr:
             raise SystemExit("error: --fixed-lr replaces the search: drop --lrs and --share-lr")
-        return sum(_parallel(args, lambda m: seed_runs(args, m, args.fixed_lr), args.methods))
+        return sum(parallel(args.jobs, lambda m: seed_runs(args, m, args.fixed_lr), args.methods))
     shared = shared_lrs(args)
     searched = [m for m in args.methods if m not in shared]
-    results = _parallel(args, lambda m: search_method(args, m), searched)
+    results = parallel(args.jobs, lambda m: search_method(args, m), searched)
     choices = dict(zip(searched, results, strict=True))
     failed = sum(1 for choice in choices.values() if choice is None and not args.dry_run)
 
@@ -328,13 +652,36 @@ def main(argv: list[str] | None = None) -> int:
             return seed_runs(args, method, float("nan"))
         return 0  # its search failed (counted above): nothing to test
 
-    failed += sum(_parallel(args, seeds_of, args.methods))
+    failed += sum(parallel(args.jobs, seeds_of, args.methods))
     if not args.dry_run:
         selection = write_selection(args)
         for target, source in shared.items():
             if target in args.methods and source in selection:
                 selection[target] = {**selection[source], "shared_from": source}
         (args.output / "lr_selection.json").write_text(json.dumps(selection, indent=2) + "\n")
+    return failed
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run both stages for every method; returns the number of failed runs (0: success).
+
+    First every method's learning-rate search (except ``--share-lr`` targets), then every
+    method's seeds. With ``--jobs N`` up to N methods run at the same time, each as its own
+    sequence of child processes.
+    """
+    args = parse(argv)
+    set_threads(args.threads)
+    if not args.dry_run:
+        args.output.mkdir(parents=True, exist_ok=True)
+        options = {
+            k: str(v) if isinstance(v, Path) else v
+            for k, v in vars(args).items()
+            if not k.startswith("_")
+        }
+        (args.output / "grid.json").write_text(json.dumps(options, indent=2) + "\n")
+    failed = run_grid(args)
+    if args.dry_run:
+        print_plan(args._planned, args.threads)
     return failed
 
 

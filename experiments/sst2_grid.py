@@ -47,8 +47,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-
 if __package__ in (None, ""):  # run as `python experiments/sst2_grid.py`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -447,20 +445,6 @@ DIVERSITY_FILE = "weight_diversity.json"
 #: Validation sentences ``lorae analyze`` runs (its function-space numbers only; the appendix
 #: E score reads the weights).
 ANALYZE_SAMPLES = 64
-#: The run's saved ``config.yaml`` without the ``fit``-only keys ``lorae analyze`` refuses.
-ANALYZE_CONFIG = "analyze_config.yaml"
-FIT_ONLY_KEYS = ("ckpt_path", "weights_only")
-
-
-def analyze_config(folder: Path) -> Path:
-    """Write ``folder/analyze_config.yaml``: the run's ``config.yaml`` without
-    :data:`FIT_ONLY_KEYS`."""
-    config = yaml.safe_load((folder / "config.yaml").read_text())
-    for key in FIT_ONLY_KEYS:
-        config.pop(key, None)
-    path = folder / ANALYZE_CONFIG
-    path.write_text(yaml.safe_dump(config, sort_keys=False))
-    return path
 
 
 def analysis_cell(folder: Path) -> Cell:
@@ -470,7 +454,7 @@ def analysis_cell(folder: Path) -> Cell:
         [
             "analyze",
             "--config",
-            str(folder / ANALYZE_CONFIG),
+            str(folder / "config.yaml"),
             "--ckpt_path",
             str(folder / "checkpoints" / "last.ckpt"),
             "--output_dir",
@@ -502,7 +486,6 @@ def analyze_run(folder: Path, mode: Mode) -> dict[str, Any] | None:
     if not (folder / "checkpoints" / "last.ckpt").is_file():
         print(f"[analyze] {folder}: no checkpoints/last.ckpt; rerun the cell to analyse it")
         return None
-    analyze_config(folder)
     cell = analysis_cell(folder)
     record = run_cell(cell, mode)
     if record["returncode"] != 0:

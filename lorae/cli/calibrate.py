@@ -26,13 +26,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import math
 from pathlib import Path
 from typing import Any, cast
 
 import torch
-import yaml
 from lightning.pytorch.utilities import move_data_to_device
 from torch import Tensor
 
@@ -246,26 +244,6 @@ def _output_path(args: argparse.Namespace) -> Path:
     return output
 
 
-#: keys of a run's saved ``config.yaml`` that belong to a subcommand (``fit``), not to the
-#: model/data/trainer options a tool builds
-_SUBCOMMAND_KEYS = ("ckpt_path", "weights_only")
-
-
-def _config_args(configs: list[str]) -> list[str]:
-    """``--config`` arguments for :func:`~lorae.cli.main.build_cli` without a subcommand: a
-    run's saved ``config.yaml`` also records ``fit``'s ``ckpt_path`` and ``weights_only``,
-    which the options-only parser rejects, so such a file is passed inline without them."""
-    args: list[str] = []
-    for config in configs:
-        path = Path(config)
-        content = yaml.safe_load(path.read_text()) if path.is_file() else None
-        if isinstance(content, dict) and any(k in content for k in _SUBCOMMAND_KEYS):
-            kept = {k: v for k, v in content.items() if k not in _SUBCOMMAND_KEYS}
-            config = json.dumps(kept)
-        args += ["--config", config]
-    return args
-
-
 def _validation_logits(
     configs: list[str], ckpt_path: Path, checkpoint: dict[str, Any], overrides: list[str]
 ) -> tuple[Tensor, Tensor]:
@@ -273,7 +251,7 @@ def _validation_logits(
     the model built like ``lorae test`` and loaded with ``checkpoint``."""
     from lorae.cli.main import build_cli
 
-    args = _config_args(configs) + overrides
+    args = [arg for config in configs for arg in ("--config", config)] + overrides
     cli = build_cli(args, run=False, load_from=str(ckpt_path), save_config=False)
     model, datamodule = cli.model, cli.datamodule
     # on_load_checkpoint fills an adapter-only state dict: give it a copy of the mapping so the

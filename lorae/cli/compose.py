@@ -23,7 +23,7 @@ A file without ``base:`` is passed through unchanged.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -101,10 +101,11 @@ def load_composed(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, A
     return merge(composed, {k: v for k, v in content.items() if k != BASE_KEY})
 
 
-def _config_value(value: str) -> str:
+def _config_value(value: str, drop: Collection[str] = ()) -> str:
     """What LightningCLI gets for one ``--config`` value: inline YAML unchanged; a file that
     does not exist or is not a YAML mapping a clear error naming it; a file with a ``base:``
-    its composed YAML text; any other file its path."""
+    or one of the top-level keys ``drop`` its composed YAML text without those keys; any other
+    file its path."""
     if "\n" in value or value.lstrip().startswith("{"):  # YAML text, not a file
         return value
     path = Path(value)
@@ -118,24 +119,30 @@ def _config_value(value: str) -> str:
             f"Config file '{value}' does not exist{kind}: give --config the path of a YAML "
             "file, e.g. configs/quickstart.yaml."
         )
-    if BASE_KEY not in _read(path):
+    content = _read(path)
+    if BASE_KEY not in content and not any(key in content for key in drop):
         return value
-    return yaml.safe_dump(load_composed(path), sort_keys=False)
+    composed = {k: v for k, v in load_composed(path).items() if k not in drop}
+    return yaml.safe_dump(composed, sort_keys=False)
 
 
-def expand_config_args(args: Sequence[str]) -> list[str]:
+def expand_config_args(args: Sequence[str], drop: Collection[str] = ()) -> list[str]:
     """``args`` with each ``--config FILE`` (``-c FILE``, ``--config=FILE``) whose file has a
-    ``base:`` replaced by ``--config`` and the composed YAML text (see the module docstring)."""
+    ``base:`` replaced by ``--config`` and the composed YAML text (see the module docstring).
+
+    ``drop``: top-level keys removed from every config file, e.g. a run's saved
+    ``config.yaml`` records ``fit``'s ``ckpt_path`` and ``weights_only``, which a parser
+    without subcommands (``lorae analyze``, ``lorae calibrate``) does not accept."""
     expanded: list[str] = []
     take_next = False
     for arg in args:
         if take_next:
-            expanded.append(_config_value(arg))
+            expanded.append(_config_value(arg, drop))
             take_next = False
             continue
         option, eq, value = arg.partition("=")
         if option in _CONFIG_OPTIONS and eq:
-            expanded.append(f"{option}={_config_value(value)}")
+            expanded.append(f"{option}={_config_value(value, drop)}")
             continue
         take_next = arg in _CONFIG_OPTIONS
         expanded.append(arg)

@@ -109,6 +109,10 @@ def config_from_checkpoint(args: list[str]) -> list[str]:
 #: ``--ckpt_path`` values that name no file but a checkpoint Lightning looks up.
 LIGHTNING_CHECKPOINT_NAMES = ("last", "best", "hpc", "registry")
 
+#: Top-level keys of a run's saved ``config.yaml`` that belong to the ``fit`` subcommand, not
+#: to the model, data and trainer a tool (``run=False``) builds.
+SUBCOMMAND_KEYS = ("ckpt_path", "weights_only")
+
 
 class LoraeCLI(LightningCLI):
     """LightningCLI with lorae's links, defaults and result files."""
@@ -125,6 +129,7 @@ class LoraeCLI(LightningCLI):
     ) -> None:
         """See :func:`build_cli`, the one way lorae builds it."""
         self.load_from = load_from
+        self._run = run
         self._parsers: list[LightningArgumentParser] = []
         super().__init__(
             EnsembleClassifier,
@@ -199,7 +204,10 @@ class LoraeCLI(LightningCLI):
         An unknown ``model.method`` class is reported with the list of lorae's methods.
         A ``--config`` file with a ``base:`` key is composed first (:mod:`lorae.cli.compose`)."""
         if isinstance(args, list) or args is None:
-            given = expand_config_args(sys.argv[1:] if args is None else args)
+            # Without a subcommand (the tools) a run's saved config.yaml is read without the
+            # keys only `fit` accepts.
+            drop = () if self._run else SUBCOMMAND_KEYS
+            given = expand_config_args(sys.argv[1:] if args is None else args, drop)
             rebuilt = config_from_checkpoint(given)
             if rebuilt is not given:  # the config is the checkpoint's: no config.yaml to save
                 self.save_config_callback = None

@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 import torch
+import yaml
 from sklearn.metrics import average_precision_score, roc_auc_score
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch.utils.data import Dataset, TensorDataset
@@ -423,3 +424,30 @@ def test_ddp_predict_gathers_one_file_in_sample_order(tmp_path: Path) -> None:
     for single, ddp in zip(rows["single"], rows["ddp"], strict=True):
         assert single["target"] == ddp["target"] and single["pred"] == ddp["pred"]
         assert float(single["entropy"]) == pytest.approx(float(ddp["entropy"]), abs=1e-5)
+
+
+def test_tools_accept_a_runs_saved_config(trained: tuple[Path, Path], tmp_path: Path) -> None:
+    """A run's saved config.yaml records fit's ckpt_path and weights_only; the tools (built
+    without a subcommand) read it anyway, as the docs tell users to pass it."""
+    _, ckpt = trained
+    saved = sorted((ckpt.parent.parent / "fit").rglob("config.yaml"))
+    assert saved, "the fit saved no config.yaml"
+    content = yaml.safe_load(saved[0].read_text())
+    assert "ckpt_path" in content and "weights_only" in content  # what made the tools fail
+    out = tmp_path / "analysis"
+    main(
+        [
+            "analyze",
+            "--config",
+            str(saved[0]),
+            "--ckpt_path",
+            str(ckpt),
+            "--output_dir",
+            str(out),
+            "--max_samples",
+            "20",
+            "--plots",
+            "false",
+        ]
+    )
+    assert json.loads((out / "analysis.json").read_text())["num_samples"] == 20

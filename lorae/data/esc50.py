@@ -11,17 +11,17 @@ from __future__ import annotations
 
 import csv
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-import torch
-from torch import Tensor
 from torch.utils.data import Dataset, Subset
 
+from lorae.data.audio import AudioClips, LogMelFeatures, missing_wav_bytes
 from lorae.data.base import ClassificationDataModule, split_indices
 from lorae.data.inference import AudioInput, InferenceSpec
 from lorae.errors import ConfigError, CorruptSampleError, DataNotFoundError
 
-__all__ = ["ESC50_URL", "ESC50DataModule", "LogMelFeatures"]
+# LogMelFeatures and missing_wav_bytes lived here first; they stay importable from here.
+__all__ = ["ESC50_URL", "ESC50DataModule", "LogMelFeatures", "missing_wav_bytes"]
 
 ESC50_URL = "https://github.com/karoldvl/ESC-50/archive/master.zip"
 FOLDS = (1, 2, 3, 4, 5)
@@ -33,143 +33,6 @@ _LAYOUT = (
     "  <root>/meta/esc50.csv   (columns filename, fold, target, category, ...)\n"
     "  <root>/audio/<filename>.wav"
 )
-
-
-def _audio() -> tuple[Any, Any]:
-    try:
-        import soundfile
-        import torchaudio
-    except ImportError as error:
-        raise ConfigError(
-            "ESC-50 needs the optional audio dependencies: pip install 'lorae[audio]'."
-        ) from error
-    return soundfile, torchaudio
-
-
-def missing_wav_bytes(path: Path) -> int:
-    """How many bytes of audio a RIFF/WAVE file's ``data`` chunk declares beyond the end of
-    the file: 0 for a complete file, a non-WAV file, or a streamed one (size 0 or 2^32 - 1).
-
-    libsndfile reads a truncated WAV as a shorter clip without an error, so the reader
-    compares the header with the file itself.
-    """
-    with path.open("rb") as handle:
-        header = handle.read(12)
-        if len(header) < 12 or header[:4] != b"RIFF" or header[8:12] != b"WAVE":
-            return 0
-        size = path.stat().st_size
-        while True:
-            chunk = handle.read(8)
-            if len(chunk) < 8:
-                return 0
-            chunk_size = int.from_bytes(chunk[4:8], "little")
-            if chunk[:4] == b"data":
-                if chunk_size in (0, 0xFFFFFFFF):
-                    return 0
-                return max(0, handle.tell() + chunk_size - size)
-            handle.seek(chunk_size + chunk_size % 2, 1)  # chunks are word-aligned
-
-
-class LogMelFeatures:
-    """WAV file -> normalised log-mel spectrogram, AST's ESC-50 preprocessing.
-
-    Args:
-        sample_rate: Audio is resampled to this rate (Hz) first.
-        num_mel_bins: Mel bins F.
-        target_length: Frames T; shorter clips are zero-padded, longer ones cropped.
-        freq_mask: Largest SpecAugment frequency mask (bins); 0 disables it.
-        time_mask: Largest SpecAugment time mask (frames); 0 disables it.
-        mean: Normalisation mean.
-        std: Normalisation std (AST divides by ``2 * std``).
-
-    Shape:
-        - output: float ``(1, num_mel_bins, target_length)``.
-    """
-
-    def __init__(
-        self,
-        sample_rate: int,
-        num_mel_bins: int,
-        target_length: int,
-        freq_mask: int,
-        time_mask: int,
-        mean: float,
-        std: float,
-    ) -> None:
-        self.soundfile, self.torchaudio = _audio()
-        self.sample_rate = sample_rate
-        self.num_mel_bins = num_mel_bins
-        self.target_length = target_length
-        self.freq_mask = freq_mask
-        self.time_mask = time_mask
-        self.mean = mean
-        self.std = std
-
-    def read(self, path: Path) -> Tensor:
-        """Mono waveform ``(1, N)`` at :attr:`sample_rate`."""
-        try:
-            data, rate = self.soundfile.read(str(path), dtype="float32", always_2d=True)
-        except (RuntimeError, OSError) as error:  # soundfile.LibsndfileError is a RuntimeError
-            raise CorruptSampleError(
-                f"Audio file '{path}' cannot be read: {error}. Replace it with the clip from "
-                f"{ESC50_URL}, or set skip_corrupt: true to leave unreadable clips out."
-            ) from error
-        missing = missing_wav_bytes(path)
-        if missing:
-            raise CorruptSampleError(
-                f"Audio file '{path}' is truncated: its header declares {missing} more bytes of "
-                f"audio than the file holds. Replace it with the clip from {ESC50_URL}, or set "
-                "skip_corrupt: true to leave unreadable clips out."
-            )
-        waveform = torch.from_numpy(data).mean(dim=1, keepdim=True).T
-        if rate != self.sample_rate:
-            waveform = self.torchaudio.functional.resample(waveform, rate, self.sample_rate)
-        return waveform
-
-    def __call__(self, path: Path, train: bool) -> Tensor:
-        return self.from_waveform(self.read(path), train)
-
-    def from_waveform(self, waveform: Tensor, train: bool) -> Tensor:
-        """Features of a mono waveform ``(1, N)`` at :attr:`sample_rate`."""
-        waveform = waveform - waveform.mean()
-        fbank = self.torchaudio.compliance.kaldi.fbank(
-            waveform,
-            htk_compat=True,
-            sample_frequency=self.sample_rate,
-            use_energy=False,
-            window_type="hanning",
-            num_mel_bins=self.num_mel_bins,
-            dither=0.0,
-            frame_shift=10.0,
-            frame_length=25.0,
-        )  # (frames, F)
-        frames = fbank.shape[0]
-        if frames < self.target_length:
-            fbank = torch.nn.functional.pad(fbank, (0, 0, 0, self.target_length - frames))
-        spectrogram = fbank[: self.target_length].T.unsqueeze(0)  # (1, F, T)
-        if train:
-            transforms = self.torchaudio.transforms
-            if self.freq_mask:
-                spectrogram = transforms.FrequencyMasking(self.freq_mask)(spectrogram)
-            if self.time_mask:
-                spectrogram = transforms.TimeMasking(self.time_mask)(spectrogram)
-        return (spectrogram - self.mean) / (2.0 * self.std)
-
-
-class _Clips(Dataset[tuple[Tensor, int]]):
-    def __init__(
-        self, paths: list[Path], labels: list[int], features: LogMelFeatures, train: bool
-    ) -> None:
-        self.paths = paths
-        self.labels = labels
-        self.features = features
-        self.train = train
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, index: int) -> tuple[Tensor, int]:
-        return self.features(self.paths[index], self.train), self.labels[index]
 
 
 class ESC50DataModule(ClassificationDataModule):
@@ -199,7 +62,9 @@ class ESC50DataModule(ClassificationDataModule):
         norm_std: Normalisation std (AST's ESC-50 statistics).
         batch_size: Samples per training batch.
         eval_batch_size: Samples per evaluation batch; ``None`` uses ``batch_size``.
-        num_workers: Dataloader worker processes.
+        num_workers: Dataloader worker processes; ``"auto"`` (the default): from the
+            cores and the trainer's device (see ``ClassificationDataModule``).
+        pin_memory: Page-locked batches; ``"auto"`` (the default): when training on CUDA.
         val_fraction: 0: validate on the held-out fold; else the share of the training folds
             carved out for validation.
         seed: Seed of the carved split and the training shuffle.
@@ -225,7 +90,8 @@ class ESC50DataModule(ClassificationDataModule):
         norm_std: float = AST_ESC50_STD,
         batch_size: int = 48,
         eval_batch_size: int | None = None,
-        num_workers: int = 0,
+        num_workers: int | Literal["auto"] = "auto",
+        pin_memory: bool | Literal["auto"] = "auto",
         val_fraction: float = 0.0,
         seed: int = 0,
         skip_corrupt: bool = False,
@@ -234,6 +100,7 @@ class ESC50DataModule(ClassificationDataModule):
             batch_size=batch_size,
             eval_batch_size=eval_batch_size,
             num_workers=num_workers,
+            pin_memory=pin_memory,
             val_fraction=val_fraction,
             seed=seed,
             skip_corrupt=skip_corrupt,
@@ -244,7 +111,14 @@ class ESC50DataModule(ClassificationDataModule):
         self.test_fold = test_fold
         self.augment = augment
         self.features = LogMelFeatures(
-            sample_rate, num_mel_bins, target_length, freq_mask, time_mask, norm_mean, norm_std
+            sample_rate,
+            num_mel_bins,
+            target_length,
+            freq_mask,
+            time_mask,
+            norm_mean,
+            norm_std,
+            replace_hint=f"Replace it with the clip from {ESC50_URL}",
         )
         if download and not (self.root / "meta" / "esc50.csv").is_file():
             self._download()
@@ -315,9 +189,9 @@ class ESC50DataModule(ClassificationDataModule):
         """The WAV file of each clip of the held-out fold, in order."""
         return [str(path) for path, fold, _, _ in self.rows if fold == self.test_fold]
 
-    def _clips(self, folds: set[int], train: bool) -> _Clips:
+    def _clips(self, folds: set[int], train: bool) -> AudioClips:
         chosen = [(p, t) for p, f, t, _ in self.rows if f in folds]
-        return _Clips([p for p, _ in chosen], [t for _, t in chosen], self.features, train)
+        return AudioClips([p for p, _ in chosen], [t for _, t in chosen], self.features, train)
 
     def build_datasets(self) -> tuple[Dataset[Any], Dataset[Any], Dataset[Any]]:
         """Train on the four other folds; test (and by default validate) on ``test_fold``."""

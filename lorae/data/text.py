@@ -1,4 +1,5 @@
-"""Sentence classification from tab-separated files (GLUE SST-2 by default)."""
+"""Sentence classification from tab-separated files (GLUE SST-2 by default; the paper's text
+benchmark, section 4). Labels are integers or class names (e.g. AG News' ``World``)."""
 
 from __future__ import annotations
 
@@ -6,9 +7,9 @@ import csv
 import sys
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from torch import Tensor
@@ -35,37 +36,90 @@ _GET_DATA = (
 _MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 
 
+#: How the label column is read: integers ``0 .. C-1`` or class names (any non-empty text).
+LabelKind = Literal["index", "name"]
+
+
 @dataclass
 class _Table:
-    """Rows of one TSV file: texts, integer labels and the file line of each row."""
+    """Rows of one TSV file: texts, integer labels and the file line of each row; ``names``
+    holds the label text of each row when the labels are class names (else it is empty)."""
 
     path: Path
     texts: list[str]
     labels: list[int]
     lines: list[int]
+    names: list[str] = field(default_factory=list)
+
+
+def _is_index(raw: str) -> bool:
+    # ASCII digits only: str.isdigit accepts '²', which int() refuses.
+    return raw.isascii() and raw.isdigit()
 
 
 def _read_tsv(
-    path: Path, text_column: str, label_column: str, skip_corrupt: bool = False
+    path: Path,
+    text_column: str,
+    label_column: str,
+    skip_corrupt: bool = False,
+    header: bool = True,
+    labels: LabelKind = "index",
 ) -> _Table:
-    """Read a tab-separated file with a header row, without quote handling (like GLUE).
+    """Read a tab-separated file, without quote handling (like GLUE).
 
     A row with too few fields raises :class:`CorruptSampleError`, a label that is not a
-    non-negative integer :class:`ConfigError`, each naming the file and line; with
-    ``skip_corrupt`` such a row is left out and reported on stderr, with the count at the end.
+    non-negative integer (``labels="index"``) or an empty label (``labels="name"``)
+    :class:`ConfigError`, each naming the file and line; with ``skip_corrupt`` such a row is
+    left out and reported on stderr, with the count at the end. Without a ``header`` row the
+    columns are ``text_column`` and ``label_column``, in that order. With ``labels="name"``
+    the label text is kept in :attr:`_Table.names` (``labels`` stays ``-1`` until mapped).
     """
     try:
-        return _read_rows(path, text_column, label_column, skip_corrupt)
+        return _read_rows(path, text_column, label_column, skip_corrupt, header, labels)
     except UnicodeDecodeError as error:
         raise _not_utf8(path, error) from error
 
 
-def _read_rows(path: Path, text_column: str, label_column: str, skip_corrupt: bool) -> _Table:
+def _label_kind(path: Path, text_column: str, label_column: str, header: bool) -> LabelKind:
+    """``"name"`` when no well-formed row of the training file has an integer label (e.g. AG
+    News' ``World``/``Sports``), else ``"index"``: a file of integers with a few stray names
+    stays an integer file, whose reader then names the stray lines."""
+    try:
+        with path.open(encoding="utf-8-sig", newline="") as f:
+            reader = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
+            columns = next(reader, None) if header else [text_column, label_column]
+            if not columns or label_column not in columns:
+                return "index"  # the reader reports the missing header or column
+            index, seen = columns.index(label_column), False
+            for row in reader:
+                if len(row) != len(columns) or not row[index].strip():
+                    continue
+                if _is_index(row[index].strip()):
+                    return "index"
+                seen = True
+            return "name" if seen else "index"
+    except (UnicodeDecodeError, csv.Error):
+        return "index"  # the reader reports the line
+
+
+def _read_rows(
+    path: Path,
+    text_column: str,
+    label_column: str,
+    skip_corrupt: bool,
+    has_header: bool = True,
+    kind: LabelKind = "index",
+) -> _Table:
     table = _Table(path=path, texts=[], labels=[], lines=[])
     skipped: list[int] = []
+    if not has_header and text_column == label_column:
+        raise ConfigError(
+            f"text_column and label_column are both {text_column!r}; a file without a header "
+            "row has the text first and the label second, so give them two names."
+        )
     with path.open(encoding="utf-8-sig", newline="") as f:
         reader = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
-        header = next(reader, None)
+        header = next(reader, None) if has_header else [text_column, label_column]
         if header is None:
             raise DataNotFoundError(
                 f"'{path}' is empty; expected a header row (e.g. 'sentence<TAB>label') followed "
@@ -91,15 +145,20 @@ def _read_rows(path: Path, text_column: str, label_column: str, skip_corrupt: bo
                     f"has {len(header)} ({header}). Each line needs exactly one value per "
                     "column (a tab inside a text splits it)."
                 )
+            elif kind == "name":
+                raw = row[label_index].strip()
+                if not raw:
+                    error = ConfigError
+                    problem = f"Empty label in '{path}' line {line}: every row needs a label."
             else:
                 raw = row[label_index].strip()
-                # ASCII digits only: str.isdigit accepts '²', which int() refuses.
-                label = int(raw) if raw.isascii() and raw.isdigit() else -1
+                label = int(raw) if _is_index(raw) else -1
                 if label < 0:
                     error = ConfigError  # a label problem, like a label >= num_classes
                     problem = (
                         f"Invalid label {row[label_index]!r} in '{path}' line {line}: labels "
-                        "must be non-negative integers 0, 1, ..., num_classes - 1."
+                        "must be non-negative integers 0, 1, ..., num_classes - 1 (or all "
+                        "class names, e.g. 'World', 'Sports')."
                     )
             if problem is not None:
                 if not skip_corrupt:
@@ -112,6 +171,8 @@ def _read_rows(path: Path, text_column: str, label_column: str, skip_corrupt: bo
             table.texts.append(row[text_index])
             table.labels.append(label)
             table.lines.append(line)
+            if kind == "name":
+                table.names.append(row[label_index].strip())
     if skipped:
         print(
             f"lorae: skipped {len(skipped)} corrupt row(s) of '{path}' (lines "
@@ -162,7 +223,59 @@ def _take(table: _Table, indices: list[int]) -> _Table:
         [table.texts[i] for i in indices],
         [table.labels[i] for i in indices],
         [table.lines[i] for i in indices],
+        [table.names[i] for i in indices] if table.names else [],
     )
+
+
+def _name_classes(
+    tables: dict[str, _Table], label_names: list[str] | None, num_classes: int | None
+) -> list[str]:
+    """Map the label names of every table to indices in place; returns the class names.
+
+    Classes are ``label_names`` in that order, or the sorted label names of the training file.
+    Every validation/test label must be a training class (else its file and line are named).
+
+    Raises:
+        ConfigError: An unknown label, fewer than 2 classes, or a ``num_classes`` that differs
+            from the number of names.
+    """
+    train = tables["train"]
+    classes = sorted(set(train.names)) if label_names is None else [str(n) for n in label_names]
+    if len(set(classes)) != len(classes):
+        raise ConfigError(f"label_names lists a name twice: {classes}.")
+    if len(classes) < 2:
+        raise ConfigError(
+            f"Training file '{train.path}' only has the label {classes}; a classifier needs at "
+            "least 2 classes."
+        )
+    if num_classes is not None and num_classes != len(classes):
+        raise ConfigError(
+            f"num_classes is {num_classes} but the labels of '{train.path}' name "
+            f"{len(classes)} classes {classes}; drop num_classes or fix the labels."
+        )
+    index = {name: i for i, name in enumerate(classes)}
+    for table in tables.values():
+        for row, (name, line) in enumerate(zip(table.names, table.lines, strict=True)):
+            if name not in index:
+                where = (
+                    "is not in label_names"
+                    if label_names is not None
+                    else ("was not seen in training")
+                )
+                raise ConfigError(
+                    f"Label {name!r} in '{table.path}' line {line} {where} (classes: "
+                    f"{classes}). Fix the label, or add it to the "
+                    f"{'label_names' if label_names is not None else 'training file'}."
+                )
+            table.labels[row] = index[name]
+    counts = Counter(train.labels)
+    summary = ", ".join(f"{name}: {counts[i]}" for i, name in enumerate(classes))
+    print(
+        f"lorae: {len(classes)} classes named in '{train.path}' (examples per class: "
+        f"{summary}); set label_names to fix their order.",
+        file=sys.stderr,
+    )
+    return classes
 
 
 def _subset(table: _Table, limit: int, seed: int) -> _Table:
@@ -338,13 +451,21 @@ class TextClassificationDataModule(ClassificationDataModule):
         val_file: Validation file; ``None`` carves ``val_fraction`` of the training file.
         test_file: Test file (default GLUE ``dev.tsv``).
         text_column: Header name of the text column.
-        label_column: Header name of the integer label column.
+        label_column: Header name of the label column: integers ``0 .. C-1``, or class names
+            (e.g. AG News' ``World``, ``Sports``, ...; used when no training label is an
+            integer), mapped to indices in sorted order (or ``label_names`` order); a
+            validation/test label not among the training labels is refused, naming its line.
+        header: Whether the files start with a header row; without one (AG News'
+            ``dev.tsv``: ``text<TAB>class name``) the columns are ``text_column`` and
+            ``label_column``, in that order.
         max_length: Sequences are truncated to this many tokens (special tokens included).
         num_classes: Number of classes; ``None`` uses the largest training label + 1 (or the
-            number of ``label_names``).
+            number of ``label_names``, or of the training files' class names).
         label_names: Name of each class in label order (``label_names[i]`` names label
             ``i``), e.g. ``[negative, positive]``; stored in checkpoints and written as
-            ``pred_name`` by ``lorae predict``. ``None``: the labels as strings.
+            ``pred_name`` by ``lorae predict``. With class-name labels it fixes their order
+            (every label must be listed). ``None``: the labels as strings, or the sorted
+            class names.
         download: When ``root`` lacks ``train_file``, download GLUE SST-2 (``SST2_URL``) and
             put its TSV files into ``root``.
         ood_file: Tab-separated file of out-of-distribution texts for ``lorae test`` (paper
@@ -355,7 +476,9 @@ class TextClassificationDataModule(ClassificationDataModule):
         ood_name: Name of the OOD set in metric keys; default ``<folder>/<file stem>``.
         batch_size: Samples per training batch.
         eval_batch_size: Samples per evaluation batch; ``None`` uses ``batch_size``.
-        num_workers: Dataloader worker processes.
+        num_workers: Dataloader worker processes; ``"auto"`` (the default): from the
+            cores and the trainer's device (see ``ClassificationDataModule``).
+        pin_memory: Page-locked batches; ``"auto"`` (the default): when training on CUDA.
         val_fraction: Share of the training file carved out for validation.
         seed: Seed of the carved split and of the training shuffle.
         skip_corrupt: Leave malformed rows (too few fields, a label that is not a
@@ -389,6 +512,7 @@ class TextClassificationDataModule(ClassificationDataModule):
         test_file: str = "dev.tsv",
         text_column: str = "sentence",
         label_column: str = "label",
+        header: bool = True,
         max_length: int = 128,
         num_classes: int | None = None,
         label_names: list[str] | None = None,
@@ -399,7 +523,8 @@ class TextClassificationDataModule(ClassificationDataModule):
         ood_name: str | None = None,
         batch_size: int = 32,
         eval_batch_size: int | None = None,
-        num_workers: int = 0,
+        num_workers: int | Literal["auto"] = "auto",
+        pin_memory: bool | Literal["auto"] = "auto",
         val_fraction: float = 0.1,
         seed: int = 0,
         skip_corrupt: bool = False,
@@ -414,6 +539,7 @@ class TextClassificationDataModule(ClassificationDataModule):
             batch_size=batch_size,
             eval_batch_size=eval_batch_size,
             num_workers=num_workers,
+            pin_memory=pin_memory,
             val_fraction=val_fraction,
             seed=seed,
             skip_corrupt=skip_corrupt,
@@ -433,17 +559,29 @@ class TextClassificationDataModule(ClassificationDataModule):
             ("val", "Validation", val_file),
             ("test", "Test", test_file),
         )
+        kind: LabelKind = "index"
         for split, title, name in files:
             if name is None:
                 continue
             path = self.root / name
             if not path.is_file():
                 raise DataNotFoundError(f"{title} file '{path}' does not exist. {_GET_DATA}")
-            self._tables[split] = _read_tsv(path, text_column, label_column, skip_corrupt)
+            if split == "train":
+                kind = _label_kind(path, text_column, label_column, header)
+            self._tables[split] = _read_tsv(
+                path, text_column, label_column, skip_corrupt, header, kind
+            )
         train = self._tables["train"]
         if not train.labels:
             raise DataNotFoundError(f"Training file '{train.path}' has no data rows. {_GET_DATA}")
 
+        if kind == "name":
+            if num_classes is not None and (
+                isinstance(num_classes, bool) or not isinstance(num_classes, int)
+            ):
+                raise ConfigError(f"num_classes must be an integer or None, got {num_classes!r}.")
+            label_names = _name_classes(self._tables, label_names, num_classes)
+            num_classes = len(label_names)
         if num_classes is None and label_names is not None:
             num_classes = len(label_names)
         if num_classes is None:
@@ -538,7 +676,8 @@ class TextClassificationDataModule(ClassificationDataModule):
 
     @property
     def class_names(self) -> list[str]:
-        """``label_names``, or the labels as strings: ``["0", "1", ...]``."""
+        """``label_names``, the training file's class names, or the labels as strings:
+        ``["0", "1", ...]``."""
         if self._label_names is not None:
             return list(self._label_names)
         return [str(i) for i in range(self._num_classes)]

@@ -91,6 +91,39 @@ def test_tsv_rows_are_read_exactly_or_refused_by_line(rows: list[str], encoding:
         assert list(zip(table.texts, table.labels, strict=True)) == expected
 
 
+def reference_named_tsv(text: str) -> tuple[list[tuple[str, str]], int | None]:
+    """Like :func:`reference_tsv` for class-name labels: any non-empty label (stripped)."""
+    rows: list[tuple[str, str]] = []
+    for number, line in enumerate(text.removeprefix("\ufeff").split("\n")[1:], start=2):
+        if line == "":
+            continue
+        fields = line.split("\t")
+        if len(fields) != 2 or not fields[1].strip():
+            return rows, number
+        rows.append((fields[0], fields[1].strip()))
+    return rows, None
+
+
+@FUZZ
+@given(rows=st.lists(ROW, max_size=8))
+@example(rows=["World\t Sports "])  # surrounding spaces are not part of the name
+@example(rows=["x\t\u00a0"])  # a label of whitespace only is empty
+def test_tsv_class_names_are_read_exactly_or_refused_by_line(rows: list[str]) -> None:
+    data = ("sentence\tlabel\n" + "".join(row + "\n" for row in rows)).encode("utf-8")
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "train.tsv"
+        path.write_bytes(data)
+        expected, bad_line = reference_named_tsv(data.decode("utf-8"))
+        try:
+            table = _read_tsv(path, "sentence", "label", labels="name")
+        except LoraeError as error:
+            assert str(path) in str(error)
+            assert bad_line is not None and f"line {bad_line}" in str(error), (error, bad_line)
+            return
+        assert bad_line is None, "read a file that should have been refused"
+        assert list(zip(table.texts, table.names, strict=True)) == expected
+
+
 def _decodes(data: bytes) -> bool:
     try:
         data.decode("utf-8")

@@ -43,7 +43,19 @@ TRAIN_CASES: dict[str, str] = {
     "train_vmap": "vmap-over-members reference layer",
     "train_explicit_loop": "Explicit Ensemble, members in a loop",
     "train_explicit_vmap": "Explicit Ensemble, vmap over members",
+    "train_peft": "one LoRA adapter at a time (PEFT-style): M steps at batch B",
+    "plain_train": "training floor: frozen backbone, input requiring grad, forward + backward "
+    "at M·B rows and as M batches of B",
 }
+#: The cases of the training-floor table, run at every training size (see
+#: ``Settings.extra_train_sizes``; the other training cases only at the first size).
+FLOOR_CASES = (
+    "plain_train",
+    "train_lorae",
+    "train_explicit_loop",
+    "train_explicit_vmap",
+    "train_peft",
+)
 ALL_CASES = (*INFERENCE_CASES, *TRAIN_CASES)
 #: Run unless ``--cases`` says otherwise (compiling ViT-B takes minutes on a CPU).
 DEFAULT_CASES = tuple(c for c in ALL_CASES if "compiled" not in c)
@@ -60,7 +72,10 @@ class Settings:
         members: M of the inference cases and of the parameter and fit checks.
         batches: the B values of the inference cases.
         rank: LoRA rank R.
-        train_members, train_batch: M and B of the training-step cases.
+        train_members, train_batch: M and B of the training-step cases (and of the memory
+            measurement of a training step).
+        extra_train_sizes: further ``(M, B)`` at which the training-floor cases
+            (:data:`FLOOR_CASES`) run, e.g. ``((16, 32),)``.
         fit_batch: B of the "M-member training fits in memory" check.
         dtype: ``float32`` or ``bf16`` (bf16-mixed autocast, as Lightning's ``bf16-mixed``).
         device: ``cpu`` or ``cuda``.
@@ -82,6 +97,7 @@ class Settings:
     rank: int = 8
     train_members: int = 4
     train_batch: int = 8
+    extra_train_sizes: tuple[tuple[int, int], ...] = ()
     fit_batch: int = 32
     dtype: Dtype = "float32"
     device: Device = "cpu"
@@ -95,6 +111,12 @@ class Settings:
     cases: tuple[str, ...] = DEFAULT_CASES
     memory: bool = True
     seed: int = 0
+
+
+def train_sizes(s: Settings) -> list[tuple[int, int]]:
+    """Every ``(M, B)`` of the training cases: ``(train_members, train_batch)`` first."""
+    sizes = [(s.train_members, s.train_batch)]
+    return sizes + [(m, b) for m, b in s.extra_train_sizes if (m, b) not in sizes]
 
 
 def lorae_options() -> dict[str, Any]:
@@ -250,6 +272,66 @@ def train_step(
         return loss.detach()
 
     return run
+
+
+def plain_train_step(
+    s: Settings, backbone: Backbone, x: Tensor, members: int = 1
+) -> Callable[[], Tensor]:
+    """The training floor: the frozen backbone's forward and backward with gradients to the
+    input only (none to the weights), as every M-member LoRA-Ensemble step must at least run
+    them. ``members`` > 1 runs ``x`` that many times in sequence (M batches of B); else ``x``
+    is the whole batch (one batch of M·B rows).
+
+    Shape:
+        x: ``(B, C_in, H, W)``.
+    """
+    backbone.requires_grad_(False)
+    x = x.detach().clone().requires_grad_(True)
+
+    def run() -> Tensor:
+        backbone.train()
+        x.grad = None
+        total = torch.zeros((), device=x.device)
+        for _ in range(members):
+            with autocast(s):
+                loss = backbone(x).float().square().mean()
+            loss.backward()
+            total += loss.detach()
+        return total
+
+    return run
+
+
+def peft_steps(
+    s: Settings, method: EnsembleMethod, members: int, x: Tensor, y: Tensor
+) -> Callable[[], Tensor]:
+    """PEFT's way to an M-member ensemble: one LoRA adapter trained at a time, so M full
+    training steps at batch B of a one-adapter model (``method``: a 1-member
+    LoRA-Ensemble, whose layers compute PEFT's LoRA ``W_0 x + s·B A x`` on the same targets).
+    """
+    step = train_step(s, method, adamw(method), x, y)
+
+    def run() -> Tensor:
+        losses = [step() for _ in range(members)]
+        return torch.stack(losses).mean()
+
+    return run
+
+
+def explicit_too_big(s: Settings, members: int, available_bytes: int) -> str | None:
+    """Why an M-member Explicit Ensemble training step is not run here (``None``: it is):
+    M x (weights, gradients and AdamW's two moments, float32) of the backbone alone exceed
+    80% of the memory available, before any activation (the harness must not push a shared
+    machine into the OOM killer)."""
+    with torch.device("meta"):
+        parameters = sum(p.numel() for p in build_plain(s).parameters())
+    need = members * 4 * parameters * 4
+    if need <= 0.8 * available_bytes:
+        return None
+    return (
+        f"M = {members} full copies need {need / 1024**3:.1f} GiB for weights, gradients and "
+        f"AdamW moments alone; {available_bytes / 1024**3:.1f} GiB were available"
+    )
 
 
 def adamw(model: nn.Module) -> torch.optim.AdamW:

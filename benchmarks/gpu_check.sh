@@ -3,7 +3,7 @@
 # 5 minutes on an H100/H200 (torch/timm/lightning of the machine, this repository on
 # PYTHONPATH: no install, no internet, random weights). Results land in $OUT (default
 # ./gpu_out): gpu_bf16.json/.md (M = 16, B = 1 latency; B = 32 against the plain ViT at batch
-# 512; training steps; peak memory), then gpu_bf16_compile.json/.md (torch.compile variants,
+# 512; training steps; the training floor at M x B = 4 x 8 and 16 x 32; peak memory), then gpu_bf16_compile.json/.md (torch.compile variants,
 # run second and time-limited so they cannot cost the main results), env.txt, gpu_check.log.
 #
 #   bash benchmarks/gpu_check.sh             # on the GPU machine
@@ -18,7 +18,8 @@ PY="${PYTHON:-python3}"
 if [ "${1:-}" = "--cpu-tiny" ]; then
   size=(--device cpu --threads 1 --backbone vit_tiny_patch16_224
         --backbone-overrides '{"img_size": 32, "patch_size": 16, "embed_dim": 32, "depth": 2, "num_heads": 2}'
-        --members 4 --batch 1 2 --train-members 2 --train-batch 2 --fit-batch 2
+        --members 4 --batch 1 2 --train-members 2 --train-batch 2 --extra-train-sizes 3x2
+        --fit-batch 2
         --repeats 2 --warmup 1)
   main_limit=300 compile_limit=120
   # torch.compile on a CPU takes minutes even for a tiny model: check only that the second
@@ -26,7 +27,7 @@ if [ "${1:-}" = "--cpu-tiny" ]; then
   compile_cases=(plain lorae train_lorae)
 else
   size=(--device cuda --members 16 --batch 1 32 --train-members 4 --train-batch 8
-        --fit-batch 32 --repeats 20 --slow-repeats 5 --slow-seconds 1 --warmup 3)
+        --extra-train-sizes 16x32 --fit-batch 32 --repeats 20 --slow-repeats 5 --slow-seconds 1 --warmup 3)
   main_limit=210 compile_limit=80
   compile_cases=(plain lorae lorae_compiled train_lorae train_lorae_compiled)
 fi

@@ -45,7 +45,15 @@ Kind = Literal["train", "infer"]
 
 def settings_from_dict(data: dict[str, Any]) -> Settings:
     """Inverse of ``dataclasses.asdict`` (JSON turns tuples into lists)."""
-    return Settings(**{**data, "batches": tuple(data["batches"]), "cases": tuple(data["cases"])})
+    sizes = tuple((int(m), int(b)) for m, b in data.get("extra_train_sizes", ()))
+    return Settings(
+        **{
+            **data,
+            "batches": tuple(data["batches"]),
+            "cases": tuple(data["cases"]),
+            "extra_train_sizes": sizes,
+        }
+    )
 
 
 def _status_bytes(field: str) -> int | None:

@@ -2,7 +2,9 @@
 shows (rendered from the JSON, so the doc's numbers are the run's numbers).
 
 Timing entries are keyed ``"<case>@B=<b>"`` (inference; ``plain@B=b`` runs the backbone at
-batch b, ``plain_MB@B=b`` at batch M·b) and ``"<case>@M=<m>,B=<b>"`` (training steps).
+batch b, ``plain_MB@B=b`` at batch M·b) and ``"<case>@M=<m>,B=<b>"`` (training steps;
+``plain_train`` is the frozen backbone's forward and backward at M·b rows, ``plain_train_seq``
+the same as M batches of b).
 """
 
 from __future__ import annotations
@@ -44,6 +46,39 @@ def floor_seconds(timings: dict[str, Any], members: int, batch: int) -> float | 
     if big is None or single is None:
         return None
     return min(big, members * single)
+
+
+def train_floor_key(timings: dict[str, Any], members: int, batch: int) -> str | None:
+    """The key of the faster training-floor term at (M, B): the frozen backbone's forward and
+    backward at M·B rows in one batch, or as M batches of B (``None``: neither measured)."""
+    keys = [train_key(c, members, batch) for c in ("plain_train", "plain_train_seq")]
+    timed = [(t, k) for k in keys if (t := _median(timings, k)) is not None]
+    return min(timed)[1] if timed else None
+
+
+def train_floor_seconds(timings: dict[str, Any], members: int, batch: int) -> float | None:
+    """``train_floor = min(T_fb(M·B), M · T_fb(B))``, ``T_fb`` the frozen backbone's forward
+    and backward (gradients to the input only): what any M-member step must at least run."""
+    key = train_floor_key(timings, members, batch)
+    return None if key is None else _median(timings, key)
+
+
+def train_sizes(settings: dict[str, Any]) -> list[tuple[int, int]]:
+    """The run's training ``(M, B)``, the first one first (as :func:`benchmarks.cases.
+    train_sizes`, from the JSON's settings)."""
+    sizes = [(int(settings["train_members"]), int(settings["train_batch"]))]
+    extra = [(int(m), int(b)) for m, b in settings.get("extra_train_sizes", ())]
+    return sizes + [size for size in extra if size not in sizes]
+
+
+def _explicit_train(timings: dict[str, Any], members: int, batch: int) -> float | None:
+    """The faster of the two Explicit Ensemble training paths (``None``: neither ran)."""
+    times = [
+        t
+        for mode in ("loop", "vmap")
+        if (t := _median(timings, train_key(f"train_explicit_{mode}", members, batch))) is not None
+    ]
+    return min(times, default=None)
 
 
 def _median(timings: dict[str, Any], key: str) -> float | None:
@@ -118,20 +153,36 @@ def ratios(result: dict[str, Any]) -> dict[str, dict[str, Any]]:
             "LoRA-Ensemble inference latency at B = 1 (milliseconds)",
         )
     mt, bt = s["train_members"], s["train_batch"]
-    explicit = [
-        t
-        for t in (
-            _median(timings, train_key("train_explicit_loop", mt, bt)),
-            _median(timings, train_key("train_explicit_vmap", mt, bt)),
-        )
-        if t is not None
-    ]
     out[f"train_lorae/train_explicit@M={mt},B={bt}"] = _target(
-        _ratio(_median(timings, train_key("train_lorae", mt, bt)), min(explicit, default=None)),
+        _ratio(
+            _median(timings, train_key("train_lorae", mt, bt)), _explicit_train(timings, mt, bt)
+        ),
         None if cuda else "<=",
         0.6,
         "training step: LoRA-Ensemble / the faster Explicit Ensemble path",
     )
+    float32 = s["dtype"] == "float32"
+    for m_, b_ in train_sizes(s):
+        floor = train_floor_seconds(timings, m_, b_)
+        out[f"train_lorae/train_floor@M={m_},B={b_}"] = _target(
+            _ratio(_median(timings, train_key("train_lorae", m_, b_)), floor),
+            "<=" if float32 else None,
+            1.10,
+            "training step: LoRA-Ensemble / the training floor (frozen backbone forward + "
+            "backward at M·B rows, the faster of one batch and M batches)",
+        )
+        out[f"train_explicit/train_floor@M={m_},B={b_}"] = _target(
+            _ratio(_explicit_train(timings, m_, b_), floor),
+            None,
+            None,
+            "training step: the faster Explicit Ensemble path / the training floor",
+        )
+        out[f"train_peft/train_floor@M={m_},B={b_}"] = _target(
+            _ratio(_median(timings, train_key("train_peft", m_, b_)), floor),
+            None,
+            None,
+            "M PEFT-style steps (one adapter at a time) / the training floor",
+        )
     memory = result.get("memory", {})
     out[f"train_peak_memory_lorae/explicit@M={mt},B={bt}"] = _target(
         _ratio(
@@ -199,7 +250,8 @@ def render_markdown(result: dict[str, Any]) -> str:
     lines = [
         f"Command: `{result['command']}`",
         "",
-        f"Machine: {env['device_name']}, {env['threads']} threads, torch {env['torch']}, "
+        f"Machine: {env['device_name']}{_cpu_kind_text(env)}, {env['threads']} threads, "
+        f"torch {env['torch']}, "
         f"timm {env['timm']}, {env['date']}. Backbone `{s['backbone']}`"
         + (f" with overrides `{s['backbone_overrides']}`" if s["backbone_overrides"] else "")
         + f", rank {s['rank']}, dtype {s['dtype']}, {s['repeats']} timed runs per case "
@@ -244,9 +296,19 @@ def render_markdown(result: dict[str, Any]) -> str:
         "|---|---:|",
     ]
     for case, label in TRAIN_CASES.items():
+        if case == "plain_train":
+            for key, text in (
+                ("plain_train", "training floor, one batch of M·B rows"),
+                ("plain_train_seq", "training floor, M batches of B rows"),
+            ):
+                entry = timings.get(train_key(key, mt, bt))
+                if entry is not None:
+                    lines.append(f"| {text} | {_cell(entry)} |")
+            continue
         entry = timings.get(train_key(case, mt, bt))
         if entry is not None:
             lines.append(f"| {label} | {_cell(entry)} |")
+    lines += _train_floor_lines(result)
     if memory:
         lines += [
             "",
@@ -276,6 +338,65 @@ def render_markdown(result: dict[str, Any]) -> str:
     if result.get("skipped"):
         lines += ["", "Skipped: " + "; ".join(f"`{k}` ({v})" for k, v in result["skipped"].items())]
     return "\n".join(lines)
+
+
+def _cpu_kind_text(env: dict[str, Any]) -> str:
+    """`` (CPU kind avx512_bf16, torch capability AVX512)`` where the run recorded it."""
+    if "cpu_kind" not in env:
+        return ""
+    capability = env.get("cpu_capability")
+    return f" (CPU kind `{env['cpu_kind']}`" + (
+        f", torch capability {capability})" if capability else ")"
+    )
+
+
+def _train_floor_lines(result: dict[str, Any]) -> list[str]:
+    """The training-floor table: every size's floor and each method's step against it."""
+    s, timings = result["settings"], result["timings"]
+    sizes = train_sizes(s)
+    if not any(train_floor_seconds(timings, m, b) for m, b in sizes):
+        return []
+    lines = [
+        "",
+        "Training at the floor: median per M-member training step, and x the training floor "
+        "= min(T_fb(M·B), M·T_fb(B)), T_fb the frozen backbone's forward and backward with "
+        "gradients to the input only (what any M-member step must run). PEFT-style: one "
+        "adapter at a time, M steps at batch B.",
+        "",
+        "| M x B | training floor | LoRA-Ensemble | Explicit Ensemble (faster path) | "
+        "PEFT-style, M steps |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    left_out = result.get("skipped_train", {})
+    for m, b in sizes:
+        floor = train_floor_seconds(timings, m, b)
+        key = train_floor_key(timings, m, b)
+        how = "one batch" if key and key.startswith("plain_train@") else f"{m} batches"
+        explicit = [
+            timings[k]
+            for mode in ("loop", "vmap")
+            if (k := train_key(f"train_explicit_{mode}", m, b)) in timings
+            and "error" not in timings[k]
+        ]
+        fastest = min(explicit, key=lambda e: e["median"]) if explicit else None
+        reasons = [
+            v
+            for k, v in left_out.items()
+            if k.startswith("train_explicit") and k.endswith(f"@M={m},B={b}")
+        ]
+        explicit_cell = (
+            _cell(fastest, floor)
+            if fastest is not None
+            else (f"not run: {reasons[0]}" if reasons else "-")
+        )
+        cells = [
+            f"{_time(floor)} ({how})" if floor is not None else "-",
+            _cell(timings.get(train_key("train_lorae", m, b)), floor),
+            explicit_cell,
+            _cell(timings.get(train_key("train_peft", m, b)), floor),
+        ]
+        lines.append(f"| {m} x {b} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def _memory_lines(result: dict[str, Any]) -> list[str]:
@@ -316,16 +437,19 @@ def _memory_lines(result: dict[str, Any]) -> list[str]:
 
 
 def markers(result: dict[str, Any]) -> tuple[str, str]:
-    """The comment pair around one device/dtype's section in ``docs/performance.md``."""
-    tag = f"{result['settings']['device']}-{result['settings']['dtype']}"
+    """The comment pair around one device/dtype's section in ``docs/performance.md``: on CPU
+    one per CPU kind (``cpu-amx-float32``, ``cpu-avx2-bf16``, ...), since bf16 and even float32
+    speed differ by kind; results from before the kind was recorded keep ``cpu-<dtype>``."""
+    s = result["settings"]
+    kind = result.get("environment", {}).get("cpu_kind") if s["device"] == "cpu" else None
+    tag = "-".join(str(p) for p in (s["device"], kind, s["dtype"]) if p)
     return f"<!-- speed:{tag}:start -->", f"<!-- speed:{tag}:end -->"
 
 
-def write_markdown(path: Path, result: dict[str, Any]) -> None:
-    """Write the run's section into ``path``: between its markers when the file has them (the
-    rest of the file is kept), else appended (a new file holds just the section)."""
-    start, end = markers(result)
-    section = f"{start}\n{render_markdown(result)}\n{end}"
+def write_section(path: Path, start: str, end: str, body: str) -> None:
+    """Write ``body`` between the ``start`` and ``end`` markers of ``path``, keeping the rest
+    of the file (appended, markers included, when they are absent; a new file holds just it)."""
+    section = f"{start}\n{body}\n{end}"
     text = path.read_text(encoding="utf-8") if path.exists() else ""
     pattern = re.compile(re.escape(start) + ".*?" + re.escape(end), re.DOTALL)
     if pattern.search(text):
@@ -333,3 +457,9 @@ def write_markdown(path: Path, result: dict[str, Any]) -> None:
     else:
         text = (text.rstrip() + "\n\n" if text.strip() else "") + section + "\n"
     path.write_text(text, encoding="utf-8")
+
+
+def write_markdown(path: Path, result: dict[str, Any]) -> None:
+    """Write the run's section into ``path``: between its markers when the file has them (the
+    rest of the file is kept), else appended (a new file holds just the section)."""
+    write_section(path, *markers(result), render_markdown(result))

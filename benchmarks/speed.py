@@ -39,16 +39,25 @@ import torch
 from torch import nn
 
 from benchmarks import cases as C
-from benchmarks.memory import explicit_need, fit_check, measure, settings_from_dict
+from benchmarks.memory import (
+    explicit_need,
+    fit_check,
+    machine_memory,
+    measure,
+    settings_from_dict,
+)
 from benchmarks.report import (
     inference_key,
     ratios,
     render_markdown,
     summary,
+    train_floor_key,
     train_key,
     write_markdown,
 )
 from lorae.checkpoints.adapters import adapter_state_dict, tensor_bytes
+from lorae.methods import LoRAEnsemble
+from lorae.training.precision import describe_cpu
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -185,29 +194,55 @@ def inference_entries(
     return entries, checks
 
 
-def train_entries(s: C.Settings, shape: tuple[int, int, int], wanted: set[str]) -> list[Timed]:
-    """The training-step entries at ``train_members`` x ``train_batch``."""
-    m, b = s.train_members, s.train_batch
-    x, y = C.make_inputs(shape, b, s.num_classes, s.seed, s.device)
+def _train_model(s: C.Settings, case: str, members: int) -> LoRAEnsemble:
+    if case == "train_lorae_compiled":
+        return C.build_lorae(s, members, compiled=True)
+    if case == "train_vmap":
+        return C.build_vmap_reference(s, members)
+    return C.build_lorae(s, members)
+
+
+def train_entries(
+    s: C.Settings, shape: tuple[int, int, int], wanted: set[str], size: tuple[int, int]
+) -> tuple[list[Timed], dict[str, str]]:
+    """The training-step entries at ``size`` = (M, B): every training case at
+    ``train_members`` x ``train_batch``, only the training-floor cases
+    (:data:`~benchmarks.cases.FLOOR_CASES`) at the ``extra_train_sizes``; and the cases left
+    out, with the reason (an Explicit Ensemble too big for this machine's memory)."""
     entries: list[Timed] = []
-    builders: dict[str, Callable[[], nn.Module]] = {
-        "train_lorae": lambda: C.build_lorae(s, m),
-        "train_lorae_compiled": lambda: C.build_lorae(s, m, compiled=True),
-        "train_vmap": lambda: C.build_vmap_reference(s, m),
-    }
-    for case, build in builders.items():
-        if case in wanted:
-            model = build().to(s.device)
-            step = C.train_step(s, model, C.adamw(model), x, y)  # type: ignore[arg-type]
+    left_out: dict[str, str] = {}
+    _, available = machine_memory(s.device)
+    m, b = size
+    first = size == C.train_sizes(s)[0]
+    here = wanted if first else wanted & set(C.FLOOR_CASES)
+    x, y = C.make_inputs(shape, b, s.num_classes, s.seed, s.device)
+    if "plain_train" in here:
+        plain = C.build_plain(s).to(s.device)
+        big = C.make_inputs(shape, m * b, s.num_classes, s.seed, s.device)[0]
+        entries.append(Timed(train_key("plain_train", m, b), C.plain_train_step(s, plain, big)))
+        entries.append(
+            Timed(train_key("plain_train_seq", m, b), C.plain_train_step(s, plain, x, m))
+        )
+    for case in ("train_lorae", "train_lorae_compiled", "train_vmap"):
+        if case in here:
+            model = _train_model(s, case, m).to(s.device)
+            step = C.train_step(s, model, C.adamw(model), x, y)
             entries.append(Timed(train_key(case, m, b), step))
-    if wanted & {"train_explicit_loop", "train_explicit_vmap"}:
+    if "train_peft" in here:
+        single = C.build_lorae(s, 1).to(s.device)
+        entries.append(Timed(train_key("train_peft", m, b), C.peft_steps(s, single, m, x, y)))
+    explicit_modes = [mode for mode in ("loop", "vmap") if f"train_explicit_{mode}" in here]
+    too_big = C.explicit_too_big(s, m, available) if explicit_modes else None
+    if too_big is not None:
+        for mode in explicit_modes:
+            left_out[train_key(f"train_explicit_{mode}", m, b)] = too_big
+    elif explicit_modes:
         explicit = C.build_explicit(s, m).to(s.device)
         step = C.train_step(s, explicit, C.adamw(explicit), x, y)
-        for mode in ("loop", "vmap"):
-            if f"train_explicit_{mode}" in wanted:
-                key = train_key(f"train_explicit_{mode}", m, b)
-                entries.append(Timed(key, _explicit_call(explicit, mode, step)))
-    return entries
+        for mode in explicit_modes:
+            key = train_key(f"train_explicit_{mode}", m, b)
+            entries.append(Timed(key, _explicit_call(explicit, mode, step)))
+    return entries, left_out
 
 
 def size_report(s: C.Settings) -> dict[str, Any]:
@@ -264,6 +299,7 @@ def environment(s: C.Settings) -> dict[str, Any]:
         "timm": timm.__version__,
         "python": platform.python_version(),
         "cpu": cpu,
+        **describe_cpu(),
         "cpu_count": os.cpu_count(),
         "threads": s.threads,
         "device_name": device_name,
@@ -308,20 +344,33 @@ def run(s: C.Settings, command: str, profile: bool = False) -> dict[str, Any]:
         result["profiles"].update(profile_entries(entries, keys, s))
     del entries
     gc.collect()
-    log(f"training cases, M = {s.train_members}, B = {s.train_batch}")
-    entries = train_entries(s, shape, wanted)
-    result["timings"].update(time_interleaved(entries, s))
-    if profile:
-        keys = {train_key("train_lorae", s.train_members, s.train_batch)}
-        result["profiles"].update(profile_entries(entries, keys, s))
-    del entries
-    gc.collect()
+    result["skipped_train"] = {}
+    for m, b in C.train_sizes(s):  # one size at a time: only its models are resident
+        log(f"training cases, M = {m}, B = {b}")
+        entries, skipped_train = train_entries(s, shape, wanted, (m, b))
+        result["skipped_train"].update(skipped_train)
+        result["timings"].update(time_interleaved(entries, s))
+        if profile:
+            # where a training step's time goes: LoRA-Ensemble and the faster floor term
+            floor = train_floor_key(result["timings"], m, b)
+            keys = {train_key("train_lorae", m, b), *([floor] if floor else [])}
+            result["profiles"].update(profile_entries(entries, keys, s))
+        del entries
+        gc.collect()
     if s.device == "cuda":
         torch.cuda.empty_cache()  # the memory children need the GPU memory this process cached
     result["size"] = size_report(s)
     result["auto_chunk"] = auto_chunk(s)
     result["ratios"] = ratios(result)
     return result
+
+
+def _size(text: str) -> tuple[int, int]:
+    """``"16x32"`` -> ``(16, 32)``: members x batch."""
+    m, sep, b = text.lower().partition("x")
+    if not sep or not m.isdigit() or not b.isdigit() or int(m) < 1 or int(b) < 1:
+        raise argparse.ArgumentTypeError(f"expected MxB such as 16x32, got {text!r}")
+    return int(m), int(b)
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -340,6 +389,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--rank", type=int, default=d.rank)
     p.add_argument("--train-members", type=int, default=d.train_members)
     p.add_argument("--train-batch", type=int, default=d.train_batch)
+    p.add_argument(
+        "--extra-train-sizes",
+        type=_size,
+        nargs="*",
+        default=list(d.extra_train_sizes),
+        metavar="MxB",
+        help="further (M, B) of the training-floor cases, e.g. 16x32",
+    )
     p.add_argument("--fit-batch", type=int, default=d.fit_batch, help="B of the M-member fit check")
     p.add_argument("--dtype", choices=["float32", "bf16"], default=d.dtype)
     p.add_argument("--device", choices=["cpu", "cuda"], default=d.device)
@@ -382,6 +439,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             rank=args.rank,
             train_members=args.train_members,
             train_batch=args.train_batch,
+            extra_train_sizes=tuple(args.extra_train_sizes),
             fit_batch=args.fit_batch,
             dtype=args.dtype,
             device=args.device,

@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+from lorae.data.audio_folder import AudioFolderDataModule
 from lorae.data.base import (
     ClassificationDataModule,
     TransformedDataset,
@@ -23,6 +24,7 @@ from lorae.data.predict import PredictionDataModule
 from lorae.data.text import TextClassificationDataModule
 
 __all__ = [
+    "AudioFolderDataModule",
     "CIFAR10DataModule",
     "CIFAR100DataModule",
     "ClassificationDataModule",

@@ -136,7 +136,9 @@ class _CIFARDataModule(ClassificationDataModule):
             the corruptions with the ``imagecorruptions`` package.
         batch_size: Samples per training batch.
         eval_batch_size: Samples per evaluation batch; ``None`` uses ``batch_size``.
-        num_workers: Dataloader worker processes.
+        num_workers: Dataloader worker processes; ``"auto"`` (the default): from the
+            cores and the trainer's device (see ``ClassificationDataModule``).
+        pin_memory: Page-locked batches; ``"auto"`` (the default): when training on CUDA.
         val_fraction: Share of the training images carved out for validation.
         seed: Seed of the validation split and the training shuffle.
         skip_corrupt: Leave unreadable samples out of their batch instead of stopping.
@@ -165,7 +167,8 @@ class _CIFARDataModule(ClassificationDataModule):
         corruption_root: str | None = None,
         batch_size: int = 32,
         eval_batch_size: int | None = None,
-        num_workers: int = 0,
+        num_workers: int | Literal["auto"] = "auto",
+        pin_memory: bool | Literal["auto"] = "auto",
         val_fraction: float = 0.1,
         seed: int = 0,
         skip_corrupt: bool = False,
@@ -174,6 +177,7 @@ class _CIFARDataModule(ClassificationDataModule):
             batch_size=batch_size,
             eval_batch_size=eval_batch_size,
             num_workers=num_workers,
+            pin_memory=pin_memory,
             val_fraction=val_fraction,
             seed=seed,
             skip_corrupt=skip_corrupt,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch.utils.data import Dataset, TensorDataset
@@ -40,7 +40,9 @@ class DigitsDataModule(ClassificationDataModule):
         test_fraction: Share of the samples held out for testing, in ``[0, 1)``.
         batch_size: Samples per training batch.
         eval_batch_size: Samples per evaluation batch; ``None`` uses ``batch_size``.
-        num_workers: Dataloader worker processes.
+        num_workers: Dataloader worker processes; ``"auto"`` (the default): from the
+            cores and the trainer's device (see ``ClassificationDataModule``).
+        pin_memory: Page-locked batches; ``"auto"`` (the default): when training on CUDA.
         val_fraction: Share of the samples held out for validation, in ``[0, 1)``.
         seed: Seed of the splits and of the training shuffle.
         pretrain_fraction: Share of the samples held out of training for pretraining only,
@@ -55,7 +57,8 @@ class DigitsDataModule(ClassificationDataModule):
         test_fraction: float = 0.15,
         batch_size: int = 32,
         eval_batch_size: int | None = None,
-        num_workers: int = 0,
+        num_workers: int | Literal["auto"] = "auto",
+        pin_memory: bool | Literal["auto"] = "auto",
         val_fraction: float = 0.15,
         seed: int = 0,
         pretrain_fraction: float = 0.0,
@@ -64,6 +67,7 @@ class DigitsDataModule(ClassificationDataModule):
             batch_size=batch_size,
             eval_batch_size=eval_batch_size,
             num_workers=num_workers,
+            pin_memory=pin_memory,
             val_fraction=val_fraction,
             seed=seed,
         )

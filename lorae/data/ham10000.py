@@ -7,7 +7,7 @@ from __future__ import annotations
 import csv
 from collections import Counter
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from PIL import Image
 from torch.utils.data import Dataset
@@ -101,7 +101,9 @@ class HAM10000DataModule(ClassificationDataModule):
         test_fraction: Share of lesions held out for testing.
         batch_size: Samples per training batch.
         eval_batch_size: Samples per evaluation batch; ``None`` uses ``batch_size``.
-        num_workers: Dataloader worker processes.
+        num_workers: Dataloader worker processes; ``"auto"`` (the default): from the
+            cores and the trainer's device (see ``ClassificationDataModule``).
+        pin_memory: Page-locked batches; ``"auto"`` (the default): when training on CUDA.
         val_fraction: Share of lesions held out for validation.
         seed: Seed of the lesion split and the training shuffle.
         skip_corrupt: Leave unreadable samples out of their batch instead of stopping.
@@ -124,7 +126,8 @@ class HAM10000DataModule(ClassificationDataModule):
         test_fraction: float = 0.15,
         batch_size: int = 32,
         eval_batch_size: int | None = None,
-        num_workers: int = 0,
+        num_workers: int | Literal["auto"] = "auto",
+        pin_memory: bool | Literal["auto"] = "auto",
         val_fraction: float = 0.1,
         seed: int = 0,
         skip_corrupt: bool = False,
@@ -133,6 +136,7 @@ class HAM10000DataModule(ClassificationDataModule):
             batch_size=batch_size,
             eval_batch_size=eval_batch_size,
             num_workers=num_workers,
+            pin_memory=pin_memory,
             val_fraction=val_fraction,
             seed=seed,
             skip_corrupt=skip_corrupt,

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch.utils.data import Dataset, Subset
@@ -85,7 +85,9 @@ class ImageFolderDataModule(ClassificationDataModule):
         test_fraction: Share of ``train`` carved out as test split when ``test/`` is missing.
         batch_size: Samples per training batch.
         eval_batch_size: Samples per evaluation batch; ``None`` uses ``batch_size``.
-        num_workers: Dataloader worker processes.
+        num_workers: Dataloader worker processes; ``"auto"`` (the default): from the
+            cores and the trainer's device (see ``ClassificationDataModule``).
+        pin_memory: Page-locked batches; ``"auto"`` (the default): when training on CUDA.
         val_fraction: Share of ``train`` carved out as validation split when ``val/`` is
             missing.
         seed: Seed of the carved splits and of the training shuffle.
@@ -110,7 +112,8 @@ class ImageFolderDataModule(ClassificationDataModule):
         test_fraction: float = 0.1,
         batch_size: int = 32,
         eval_batch_size: int | None = None,
-        num_workers: int = 0,
+        num_workers: int | Literal["auto"] = "auto",
+        pin_memory: bool | Literal["auto"] = "auto",
         val_fraction: float = 0.1,
         seed: int = 0,
         skip_corrupt: bool = False,
@@ -119,6 +122,7 @@ class ImageFolderDataModule(ClassificationDataModule):
             batch_size=batch_size,
             eval_batch_size=eval_batch_size,
             num_workers=num_workers,
+            pin_memory=pin_memory,
             val_fraction=val_fraction,
             seed=seed,
             skip_corrupt=skip_corrupt,

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from torch.utils.data import Dataset, Subset
 from torchvision.datasets import INaturalist
@@ -57,7 +57,9 @@ class INaturalist2017DataModule(ClassificationDataModule):
         test_fraction: Share of images carved out for testing without split files.
         batch_size: Samples per training batch.
         eval_batch_size: Samples per evaluation batch; ``None`` uses ``batch_size``.
-        num_workers: Dataloader worker processes.
+        num_workers: Dataloader worker processes; ``"auto"`` (the default): from the
+            cores and the trainer's device (see ``ClassificationDataModule``).
+        pin_memory: Page-locked batches; ``"auto"`` (the default): when training on CUDA.
         val_fraction: Share of the training images carved out for validation.
         seed: Seed of the carved splits and the training shuffle.
         skip_corrupt: Leave unreadable samples out of their batch instead of stopping.
@@ -79,7 +81,8 @@ class INaturalist2017DataModule(ClassificationDataModule):
         test_fraction: float = 0.1,
         batch_size: int = 128,
         eval_batch_size: int | None = None,
-        num_workers: int = 0,
+        num_workers: int | Literal["auto"] = "auto",
+        pin_memory: bool | Literal["auto"] = "auto",
         val_fraction: float = 0.05,
         seed: int = 0,
         skip_corrupt: bool = False,
@@ -88,6 +91,7 @@ class INaturalist2017DataModule(ClassificationDataModule):
             batch_size=batch_size,
             eval_batch_size=eval_batch_size,
             num_workers=num_workers,
+            pin_memory=pin_memory,
             val_fraction=val_fraction,
             seed=seed,
             skip_corrupt=skip_corrupt,

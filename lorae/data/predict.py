@@ -6,7 +6,7 @@ import csv
 import io
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
@@ -160,7 +160,9 @@ class PredictionDataModule(ClassificationDataModule):
             was trained with).
         batch_size: inputs per batch.
         eval_batch_size: inputs per batch; ``None`` uses ``batch_size``.
-        num_workers: dataloader worker processes.
+        num_workers: Dataloader worker processes; ``"auto"`` (the default): from the
+            cores and the trainer's device (see ``ClassificationDataModule``).
+        pin_memory: Page-locked batches; ``"auto"`` (the default): when training on CUDA.
         skip_corrupt: leave unreadable inputs out (each reported on stderr with its path,
             and the count at the end) instead of stopping with the error.
 
@@ -178,13 +180,15 @@ class PredictionDataModule(ClassificationDataModule):
         preprocessing: Preprocessing = None,
         batch_size: int = 32,
         eval_batch_size: int | None = None,
-        num_workers: int = 0,
+        num_workers: int | Literal["auto"] = "auto",
+        pin_memory: bool | Literal["auto"] = "auto",
         skip_corrupt: bool = False,
     ) -> None:
         super().__init__(
             batch_size=batch_size,
             eval_batch_size=eval_batch_size,
             num_workers=num_workers,
+            pin_memory=pin_memory,
             val_fraction=0.0,
             skip_corrupt=skip_corrupt,
         )

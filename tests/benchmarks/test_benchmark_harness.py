@@ -18,11 +18,18 @@ from torch import nn
 
 from benchmarks import cases as C
 from benchmarks import memory
-from benchmarks.report import floor_seconds, ratios, render_markdown, write_markdown
+from benchmarks.report import (
+    floor_seconds,
+    ratios,
+    render_markdown,
+    train_floor_seconds,
+    write_markdown,
+)
 from benchmarks.speed import main
 from benchmarks.vmap_reference import VmapLoRALinear, use_vmap_reference
 from lorae.lora import LoRAEnsembleFusedLinear, LoRAEnsembleLinear, LoRASpec
 from lorae.methods import LoRAEnsemble
+from lorae.training.precision import describe_cpu
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = {"img_size": 16, "patch_size": 8, "embed_dim": 16, "depth": 2, "num_heads": 2}
@@ -42,6 +49,8 @@ TINY_ARGS = [
     "2",
     "--train-batch",
     "2",
+    "--extra-train-sizes",
+    "3x2",
     "--threads",
     "1",
     "--repeats",
@@ -117,7 +126,9 @@ def _expected_keys(members: int, batches: list[int], skipped: dict[str, str]) ->
         if case in skipped:
             continue
         if case in C.TRAIN_CASES:
-            keys.add(f"{case}@M=2,B=2")
+            sizes = ["M=2,B=2", *(["M=3,B=2"] if case in C.FLOOR_CASES else [])]
+            names = [case, "plain_train_seq"] if case == "plain_train" else [case]
+            keys |= {f"{name}@{size}" for name in names for size in sizes}
         elif case == "plain":
             keys |= {f"plain@B={b}" for b in batches} | {f"plain_MB@B={b}" for b in batches}
         else:
@@ -127,14 +138,19 @@ def _expected_keys(members: int, batches: list[int], skipped: dict[str, str]) ->
 
 def test_harness_end_to_end_on_a_tiny_model(tmp_path: Path) -> None:
     out, doc = tmp_path / "speed.json", tmp_path / "performance.md"
+    tag = f"cpu-{describe_cpu()['cpu_kind']}-float32"  # one section per CPU kind
     doc.write_text(
-        "# Performance\n\nProse before.\n\n<!-- speed:cpu-float32:start -->\nold\n"
-        "<!-- speed:cpu-float32:end -->\n\nProse after.\n"
+        f"# Performance\n\nProse before.\n\n<!-- speed:{tag}:start -->\nold\n"
+        f"<!-- speed:{tag}:end -->\n\nProse after.\n"
     )
     args = [*TINY_ARGS, "--no-memory", "--profile", "--output", str(out), "--markdown", str(doc)]
     assert main(args) == 0
     result = json.loads(out.read_text())
-    profiled = {"plain@B=2", "plain_MB@B=2", "lorae@B=2", "vmap@B=2", "train_lorae@M=2,B=2"}
+    profiled = {"plain@B=2", "plain_MB@B=2", "lorae@B=2", "vmap@B=2"}
+    profiled |= {"train_lorae@M=2,B=2", "train_lorae@M=3,B=2"}
+    floors = {k for k in result["profiles"] if k.startswith("plain_train")}
+    assert {k.split("@")[1] for k in floors} == {"M=2,B=2", "M=3,B=2"}  # the faster term
+    profiled |= floors
     assert set(result["profiles"]) == profiled
     assert all("Self CPU" in table for table in result["profiles"].values())
     assert set(result["timings"]) == _expected_keys(3, [1, 2], result["skipped"])
@@ -149,14 +165,24 @@ def test_harness_end_to_end_on_a_tiny_model(tmp_path: Path) -> None:
         "explicit_sequential/lorae@B=1",
         "lorae/vmap@M=3,B=2",
         "train_lorae/train_explicit@M=2,B=2",
+        *(
+            f"{case}/train_floor@{size}"
+            for case in ("train_lorae", "train_explicit", "train_peft")
+            for size in ("M=2,B=2", "M=3,B=2")
+        ),
         "train_peak_memory_lorae/explicit@M=2,B=2",
         "resident_parameters@M=3/backbone",
         "adapter_checkpoint/backbone_checkpoint",
     }
     for name in ("lorae/floor@B=1", "lorae/vmap@M=3,B=2", "train_lorae/train_explicit@M=2,B=2"):
         assert result["ratios"][name]["value"] > 0, name
+    for name, r in result["ratios"].items():
+        if "/train_floor@" in name:
+            assert r["value"] > 0, name  # every method at every size against its floor
+    assert result["ratios"]["train_lorae/train_floor@M=3,B=2"]["target"] == "<= 1.1"
+    assert result["ratios"]["train_peft/train_floor@M=3,B=2"]["target"] is None
     assert result["checks"]["vmap_vs_lorae_max_abs_diff"] < 1e-5
-    for key in ("torch", "cpu", "threads", "device_name", "date"):
+    for key in ("torch", "cpu", "threads", "device_name", "date", "cpu_kind", "cpu_capability"):
         assert result["environment"][key] not in (None, ""), key
     size = result["size"]
     assert size["lorae_resident"] > size["backbone_resident"]
@@ -164,6 +190,8 @@ def test_harness_end_to_end_on_a_tiny_model(tmp_path: Path) -> None:
     text = doc.read_text()
     assert text.startswith("# Performance\n\nProse before.") and text.endswith("Prose after.\n")
     assert "\nold\n" not in text and "| case | B = 1 | B = 2 |" in text
+    assert "| M x B | training floor | LoRA-Ensemble |" in text
+    assert "| 3 x 2 |" in text and "CPU kind `" in text
     assert text.count("<details><summary>Profile of one call") == len(profiled)
     for name in result["ratios"]:
         assert f"`{name}`" in text
@@ -280,10 +308,16 @@ def test_write_markdown_appends_a_section_for_a_new_device_and_dtype(tmp_path: P
     write_markdown(doc, result)
     result["settings"]["dtype"] = "bf16"
     write_markdown(doc, result)
+    for kind in ("amx", "avx2"):  # one section per CPU kind where the run recorded it
+        result["environment"]["cpu_kind"] = kind
+        write_markdown(doc, result)
+        write_markdown(doc, result)
     text = doc.read_text()
     assert text.startswith("# Doc\n")
-    assert text.count("<!-- speed:cpu-float32:start -->") == 1
+    assert text.count("<!-- speed:cpu-float32:start -->") == 1  # a result without a kind
     assert text.count("<!-- speed:cpu-bf16:start -->") == 1
+    assert text.count("<!-- speed:cpu-amx-bf16:start -->") == 1
+    assert text.count("<!-- speed:cpu-avx2-bf16:start -->") == 1
 
 
 def test_fit_check_shrinks_the_batch_to_what_is_predicted_to_fit(
@@ -350,3 +384,59 @@ def test_gpu_check_script_cpu_fallback(tmp_path: Path) -> None:
     assert "| case | B = 1 | B = 2 |" in (tmp_path / "gpu_bf16.md").read_text()
     assert (tmp_path / "gpu_bf16_compile.json").exists()
     assert (tmp_path / "env.txt").read_text()
+
+
+def test_training_floor_is_the_faster_term_and_every_method_is_put_against_it() -> None:
+    medians = {
+        "plain_train@M=2,B=3": 4.0,  # one batch of M*B rows
+        "plain_train_seq@M=2,B=3": 5.0,  # M batches of B
+        "train_lorae@M=2,B=3": 4.2,
+        "train_explicit_loop@M=2,B=3": 12.0,
+        "train_explicit_vmap@M=2,B=3": 10.0,
+        "train_peft@M=2,B=3": 8.0,
+        "plain_train@M=4,B=5": 9.0,
+        "plain_train_seq@M=4,B=5": 6.0,  # sequential wins here
+        "train_lorae@M=4,B=5": 7.2,
+    }
+    result = _result(medians)
+    result["settings"]["extra_train_sizes"] = [[4, 5]]
+    assert train_floor_seconds(result["timings"], 2, 3) == 4.0
+    assert train_floor_seconds(result["timings"], 4, 5) == 6.0
+    r = ratios(result)
+    assert r["train_lorae/train_floor@M=2,B=3"]["value"] == pytest.approx(1.05)
+    assert r["train_lorae/train_floor@M=2,B=3"]["met"] is True
+    assert r["train_explicit/train_floor@M=2,B=3"]["value"] == pytest.approx(2.5)  # faster path
+    assert r["train_peft/train_floor@M=2,B=3"]["value"] == pytest.approx(2.0)
+    assert r["train_lorae/train_floor@M=4,B=5"]["value"] == pytest.approx(1.2)
+    assert r["train_lorae/train_floor@M=4,B=5"]["met"] is False
+    assert r["train_explicit/train_floor@M=4,B=5"]["value"] is None  # not run at that size
+    result["settings"]["dtype"] = "bf16"  # the 1.10 target is float32's
+    assert ratios(result)["train_lorae/train_floor@M=2,B=3"]["met"] is None
+    result["settings"]["dtype"] = "float32"
+    result.update(
+        command="c",
+        environment={"device_name": "cpu", "threads": 1, "torch": "x", "timm": "y", "date": "d"},
+        ratios=r,
+        skipped_train={"train_explicit_loop@M=4,B=5": "M = 4 full copies need 9 GiB"},
+    )
+    text = render_markdown(result)
+    assert "| 2 x 3 | 4 s (one batch) | 4.2 s (4.2 s-4.2 s), 1.05x floor |" in text
+    assert "| 4 x 5 | 6 s (4 batches) |" in text and "not run: M = 4 full copies" in text
+
+
+def test_explicit_ensemble_too_big_for_memory_is_left_out() -> None:
+    s = C.Settings(backbone="vit_tiny_patch16_224", backbone_overrides=TINY)
+    params = sum(p.numel() for p in C.build_plain(s).parameters())
+    assert C.explicit_too_big(s, 4, 10 * 16 * params * 4) is None
+    reason = C.explicit_too_big(s, 4, 16 * params)
+    assert reason is not None and "M = 4 full copies" in reason
+
+
+def test_plain_train_step_gives_gradients_to_the_input_only() -> None:
+    s = C.Settings(backbone="vit_tiny_patch16_224", backbone_overrides=TINY)
+    backbone = C.build_plain(s)
+    x = torch.randn(2, 3, 16, 16)
+    loss_one = C.plain_train_step(s, backbone, x)()
+    loss_two = C.plain_train_step(s, backbone, x, members=2)()
+    assert torch.isfinite(loss_one) and loss_two == pytest.approx(2 * float(loss_one), rel=1e-5)
+    assert all(p.grad is None and not p.requires_grad for p in backbone.parameters())

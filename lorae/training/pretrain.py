@@ -215,6 +215,7 @@ def pretrain_backbone(
     collate_fn: Any = None,
     device: torch.device | None = None,
     max_steps: int | None = None,
+    batches_per_epoch: int | None = None,
 ) -> PretrainRecord:
     """Train ``backbone`` (LoRA layers unwrapped) plus a new linear head with cross-entropy.
 
@@ -233,6 +234,8 @@ def pretrain_backbone(
         collate_fn: the data module's collate function (``None``: PyTorch's default).
         device: where to train (default: where the backbone is).
         max_steps: stop after this many optimizer steps (``fast_dev_run``); ``None``: all.
+        batches_per_epoch: at most this many batches per epoch (the trainer's integer
+            ``limit_train_batches``, for smoke tests); ``None``: the whole loader.
     """
     device = device or next(backbone.parameters()).device
     start = time.perf_counter()
@@ -241,7 +244,8 @@ def pretrain_backbone(
         generator = torch.Generator().manual_seed(record.seed)
         head = nn.Linear(backbone.feature_dim, num_classes).to(device)
         loader = _loader(train, record.batch_size, collate_fn, generator)
-        total = record.epochs * len(loader)
+        per_epoch = min(len(loader), batches_per_epoch or len(loader))
+        total = record.epochs * per_epoch
         if max_steps is not None:
             total = min(total, max_steps)
         with unwrapped_lora(backbone.model):
@@ -252,11 +256,11 @@ def pretrain_backbone(
             step = 0
             for _ in range(record.epochs):
                 loss_sum, correct, seen = 0.0, 0, 0
-                for inputs, target in loader:
-                    if step >= total:
+                for batch_index, (inputs, target) in enumerate(loader):
+                    if step >= total or batch_index >= per_epoch:
                         break
                     inputs, target = inputs.to(device), target.to(device)
-                    _step_lr(optimizer, record.lr, step, total, min(len(loader), total - 1))
+                    _step_lr(optimizer, record.lr, step, total, min(per_epoch, total - 1))
                     logits = network(inputs)
                     loss = F.cross_entropy(logits, target)
                     optimizer.zero_grad(set_to_none=True)
@@ -387,6 +391,7 @@ class PretrainBackbone(Callback):
             collate_fn=getattr(datamodule, "collate_fn", None),
             device=pl_module.device,
             max_steps=1 if getattr(trainer, "fast_dev_run", False) else None,
+            batches_per_epoch=_batch_limit(trainer),
         )
         self.record = record
         self._write(trainer, method)
@@ -440,3 +445,10 @@ def _method(pl_module: pl.LightningModule) -> EnsembleMethod:
             f"got {type(pl_module).__name__}."
         )
     return method
+
+
+def _batch_limit(trainer: pl.Trainer) -> int | None:
+    """The trainer's ``limit_train_batches`` when it is a batch count (a smoke test's
+    ``--trainer.limit_train_batches=2`` limits pretraining too); ``None`` for a fraction."""
+    limit = getattr(trainer, "limit_train_batches", None)
+    return limit if isinstance(limit, int) and not isinstance(limit, bool) else None

@@ -211,3 +211,21 @@ def test_fit_pretrains_once_and_a_resumed_run_does_not(
     assert frozen
     for key in frozen:  # the pretrained backbone came from the checkpoint, unchanged
         assert torch.equal(resumed_state[key], checkpoint["state_dict"][key]), key
+
+
+def test_a_batch_limit_limits_every_pretraining_epoch() -> None:
+    """``--trainer.limit_train_batches=N`` (a smoke test) limits pretraining too: one batch per
+    epoch still trains the frozen weights, and ends elsewhere than the full epochs."""
+    data = separable_data()
+    limited, full = tiny_ensemble(), tiny_ensemble()
+    pretrain_backbone(limited.backbone, 3, data, record(epochs=2), batches_per_epoch=1)
+    pretrain_backbone(full.backbone, 3, data, record(epochs=2))
+    changed = [
+        k
+        for k, v in limited.state_dict().items()
+        if not torch.equal(v, tiny_ensemble().state_dict()[k])
+    ]
+    assert changed, "one batch per epoch still trains"
+    assert any(not torch.equal(v, full.state_dict()[k]) for k, v in limited.state_dict().items()), (
+        "the limit had no effect"
+    )

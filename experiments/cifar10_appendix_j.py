@@ -32,7 +32,13 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as `python experiments/cifar10_appendix_j.py`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from experiments.runner import Cell, parse_overrides, run_cell, set_threads
+from experiments.runner import (
+    Cell,
+    add_pretrain_finetune_options,
+    parse_overrides,
+    run_cell,
+    set_threads,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs" / "cifar10_scratch"
@@ -49,20 +55,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--output", type=Path, required=True)
     parser.add_argument("--per-class", type=int, default=1000, help="images per class")
     parser.add_argument("--subset-seed", type=int, default=0)
-    parser.add_argument("--pretrain-epochs", type=int, default=None, help="default: config's")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--methods", nargs="+", default=FINETUNE_METHODS, choices=FINETUNE_METHODS)
-    parser.add_argument("--precision", default="32-true", choices=["32-true", "32", "bf16-mixed"])
-    parser.add_argument("--configs", type=Path, default=CONFIGS)
-    parser.add_argument(
-        "--override",
-        nargs="+",
-        default=[],
-        metavar="KEY=VALUE",
-        help="extra `lorae fit --KEY=VALUE` options for every run",
-    )
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--mode", choices=["subprocess", "in-process"], default="subprocess")
+    add_pretrain_finetune_options(parser, FINETUNE_METHODS, CONFIGS)
     return parser
 
 

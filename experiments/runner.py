@@ -13,6 +13,7 @@ same command again therefore continues an interrupted grid where it stopped.
 
 from __future__ import annotations
 
+import argparse
 import csv
 import json
 import math
@@ -353,3 +354,25 @@ def parallel(jobs: int, work: Callable[[str], Any], items: Sequence[str]) -> lis
         return [work(item) for item in items]
     with ThreadPoolExecutor(max_workers=jobs) as pool:
         return list(pool.map(work, items))
+
+
+def add_pretrain_finetune_options(
+    parser: argparse.ArgumentParser, methods: list[str], configs: Path
+) -> None:
+    """The options every appendix-J script (pretrain a backbone, then fine-tune ``methods``
+    from it) shares: ``--pretrain-epochs --seeds --methods --precision --configs --override
+    --threads --mode``."""
+    parser.add_argument("--pretrain-epochs", type=int, default=None, help="default: config's")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--methods", nargs="+", default=methods, choices=methods)
+    parser.add_argument("--precision", default="32-true", choices=["32-true", "32", "bf16-mixed"])
+    parser.add_argument("--configs", type=Path, default=configs)
+    parser.add_argument(
+        "--override",
+        nargs="+",
+        default=[],
+        metavar="KEY=VALUE",
+        help="extra `lorae fit --KEY=VALUE` options for every run",
+    )
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--mode", choices=["subprocess", "in-process"], default="subprocess")

@@ -2,7 +2,7 @@
 same cells again, with the same seeds, give the same numbers (issue 8)?
 
     python experiments/compare_rerun.py [--sst2 DIR] [--cifar10 DIR] [--sst2-paper DIR] \
-        [--reference docs/results.md] [--output docs/reproducibility.md]
+        [--fsdd DIR] [--reference docs/results.md] [--output docs/reproducibility.md]
 
 The rerun folders have the layout the experiment scripts write (``<DIR>/runs/<method>/seed<S>/
 metrics.json``; a rerun may hold only some methods), and may carry an ``env.txt`` whose first
@@ -17,7 +17,8 @@ is 1 when any compared row differs, 0 when all agree.
 ``--sst2-paper DIR`` compares a rerun of the paper-protocol grid (``sst2_paper.py grid``, any
 subset of its tested cells) with the Tab. 8 table of the reference's paper-protocol section,
 and, when the rerun holds gain-sweep runs (``gain/gain.json``), each gain's row with the
-reference's gain table (``sst2_gain``).
+reference's gain table (``sst2_gain``). ``--fsdd DIR`` compares a rerun of
+``fsdd_ast.py`` (its pretrained AST's test metrics and the fine-tuning table).
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ from experiments.make_results import (
     gain_rows,
     gain_table,
     load_runs,
-    pretrain_line,
+    pretrain_values,
     table,
 )
 
@@ -52,7 +53,10 @@ EXPERIMENTS = {
     "sst2": ("## SST-2", [*QUALITY, *SST2_OOD]),
     "cifar10": ("## CIFAR-10", QUALITY),
     "sst2_paper": (PAPER_HEADING, [*QUALITY, *SST2_OOD]),
+    "fsdd": ("## FSDD", QUALITY),
 }
+#: Between "... trained from scratch (...)" and the pretrained backbone's test metrics.
+PRETRAIN_SEPARATOR = "): "
 _NUMBER = re.compile(r"-?\d+\.\d+")
 
 
@@ -143,10 +147,14 @@ def compare(experiment: str, rerun: Path, reference: str, figure_dir: Path) -> l
         )
         for method, row in table_rows(rendered, header).items()
     ]
-    ours_pretrain = pretrain_line(rerun)
+    ours_pretrain = pretrain_values(rerun)
     if ours_pretrain is not None:
         theirs_pretrain = next(
-            (line for line in part.splitlines() if line.startswith(ours_pretrain.split(":")[0])),
+            (
+                line.split(PRETRAIN_SEPARATOR, 1)[1].rstrip(".")
+                for line in part.splitlines()
+                if "trained from scratch (" in line and PRETRAIN_SEPARATOR in line
+            ),
             None,
         )
         result.append(Comparison(experiment, "pretrain", theirs_pretrain, ours_pretrain))
@@ -235,13 +243,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--sst2-paper", type=Path, help="rerun folder of experiments/sst2_paper.py (grid, gain)"
     )
+    parser.add_argument("--fsdd", type=Path, help="rerun folder of experiments/fsdd_ast.py")
     parser.add_argument("--reference", type=Path, default=REPO / "docs" / "results.md")
     parser.add_argument("--output", type=Path, default=REPO / "docs" / "reproducibility.md")
     args = parser.parse_args(argv)
-    given = (("sst2", args.sst2), ("cifar10", args.cifar10), ("sst2_paper", args.sst2_paper))
+    given = (
+        ("sst2", args.sst2),
+        ("cifar10", args.cifar10),
+        ("sst2_paper", args.sst2_paper),
+        ("fsdd", args.fsdd),
+    )
     folders = {k: v for k, v in given if v}
     if not folders:
-        parser.error("give --sst2, --cifar10 and/or --sst2-paper: the rerun folders to compare")
+        parser.error("give --sst2, --cifar10, --sst2-paper and/or --fsdd: the rerun folders")
     if not args.reference.is_file():
         parser.error(f"reference {args.reference} not found (make it with make_results.py)")
     reference = args.reference.read_text()

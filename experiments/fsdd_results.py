@@ -17,7 +17,19 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as `python experiments/fsdd_results.py`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from experiments.make_results import COST, QUALITY, load_runs, pretrain_values, table
+from experiments.make_results import (
+    COST,
+    QUALITY,
+    commands_block,
+    cost_rows,
+    cost_table,
+    load_runs,
+    pretrain_values,
+    table,
+)
+
+#: The cells of an FSDD folder: the pretraining run, then every fine-tuning run.
+FSDD_CELLS = ("pretrain/run.json", "runs/*/seed*/run.json")
 
 FSDD_COMMAND = (
     "python experiments/fsdd_ast.py --data /work/shared/data/fsdd/train.tar.gz "
@@ -49,8 +61,12 @@ def fsdd_section(folder: Path) -> str:
         return "".join(parts) + f"\nNo fine-tuning runs yet. Produce them with `{FSDD_COMMAND}`.\n"
     parts.append("\nFine-tuned from that backbone, test part, mean ± std over seeds:\n\n")
     parts.append(table(reports, QUALITY))
-    parts.append("\nCost:\n\n")
+    parts.append("\nCost, mean ± std over seeds:\n\n")
     parts.append(table(reports, COST))
+    parts.append("\nWall and CPU seconds of every cell:\n\n")
+    parts.append(cost_table(cost_rows(folder, FSDD_CELLS)))
+    parts.append(f"\n```bash\n{FSDD_COMMAND}\n```\n\nThe exact command of every run:\n\n")
+    parts.append(commands_block(reports))
     return "".join(parts)
 
 

@@ -23,7 +23,6 @@ how to produce it.
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import math
 import shutil
@@ -303,15 +302,20 @@ def mean_std(values: Sequence[float], digits: int = 4) -> str:
 
 
 def grid_argv_command(folder: Path, script: str, fallback: str) -> str:
-    """The command that wrote ``folder/grid.json`` (its recorded ``argv``), else ``fallback``."""
+    """The commands that wrote ``folder/grid.json`` (every recorded invocation, one per line,
+    else its ``argv``), else ``fallback``."""
     path = folder / "grid.json"
     if not path.is_file():
         return fallback
-    argv = json.loads(path.read_text()).get("argv")
-    if argv is None:
+    grid = json.loads(path.read_text())
+    invocations = grid.get("invocations") or ([grid["argv"]] if "argv" in grid else [])
+    if not invocations:
         return fallback
-    words = [w for w in argv if w not in ("--protocol", "paper")] if "grid" in script else argv
-    return " ".join([script, *words])
+    lines = []
+    for argv in invocations:
+        words = [w for w in argv if w not in ("--protocol", "paper")] if "grid" in script else argv
+        lines.append(" ".join([script, *words]))
+    return "\n".join(lines)
 
 
 def commands_block(reports: Sequence[dict[str, Any]]) -> str:
@@ -338,7 +342,8 @@ def gain_rows(folder: Path) -> list[dict[str, Any]]:
     rows = []
     for gain in sweep["gains"]:
         runs = folder / sweep["folders"][f"{gain:g}"]
-        seeds, values = [], {key: [] for key, _, _ in GAIN_COLUMNS}
+        seeds: list[str] = []
+        values: dict[str, list[float]] = {key: [] for key, _, _ in GAIN_COLUMNS}
         for metrics_path in sorted(runs.glob("seed*/metrics.json")):
             seeds.append(metrics_path.parent.name.removeprefix("seed"))
             metrics = json.loads(metrics_path.read_text())["metrics"]
@@ -413,9 +418,12 @@ def gain_figure(rows: Sequence[dict[str, Any]], path: Path) -> bool:
     return True
 
 
-def cost_rows(folder: Path) -> list[dict[str, Any]]:
-    """Every cell's ``run.json`` of a paper grid folder (search, tested runs, gain runs)."""
-    patterns = ("lr_search/*/*/run.json", "runs/*/seed*/run.json", "gain/*/seed*/run.json")
+#: The cells of a paper grid folder: search, tested runs, gain runs.
+PAPER_CELLS = ("lr_search/*/*/run.json", "runs/*/seed*/run.json", "gain/*/seed*/run.json")
+
+
+def cost_rows(folder: Path, patterns: Sequence[str] = PAPER_CELLS) -> list[dict[str, Any]]:
+    """Every cell's ``run.json`` under ``folder`` matching ``patterns``, in their order."""
     rows = []
     for pattern in patterns:
         for path in sorted(folder.glob(pattern)):
@@ -432,8 +440,13 @@ def cost_table(rows: Sequence[dict[str, Any]]) -> str:
     ]
     for row in rows:
         estimate = row.get("estimate_seconds")
+        cell = row["cell"]
+        reused = row.get("training_reused")
+        if reused:  # sst2_grid.reuses_search: this cell only tested
+            cell += f" (test only; trained in {reused['trained_in']})"
+        lr = row.get("lr")
         lines.append(
-            f"| {row['cell']} | {row.get('lr', 'n/a'):g} | {row.get('threads') or 'n/a'} | "
+            f"| {cell} | {'n/a' if lr is None else f'{lr:g}'} | {row.get('threads') or 'n/a'} | "
             f"{row.get('attempts', 1)} | {row['wall_seconds']:,.0f} | "
             f"{row['cpu_seconds']:,.0f} | {'n/a' if estimate is None else f'{estimate:,.0f}'} |"
         )
@@ -492,17 +505,14 @@ def paper_section(folder: Path, figure_dir: Path, doc: Path) -> str:
     return "".join(parts)
 
 
-def fsdd_section(folder: Path, figure_dir: Path, doc: Path) -> str:
-    """The FSDD section of ``experiments/fsdd_results.py`` (its ``section`` function), or
-    nothing while that module or its runs do not exist."""
-    try:
-        module = importlib.import_module("experiments.fsdd_results")
-    except ModuleNotFoundError:
+def fsdd_section(folder: Path) -> str:
+    """The FSDD section (``experiments/fsdd_results.py``), or nothing while its runs do not
+    exist."""
+    if not folder.exists():
         return ""
-    section = getattr(module, "section", None)
-    if section is None or not folder.exists():
-        return ""
-    return str(section(folder, figure_dir, doc))
+    from experiments import fsdd_results  # it imports this module's tables
+
+    return fsdd_results.fsdd_section(folder)
 
 
 DISCUSSION_MARKER = "<!-- from experiments/discussion.md -->"
@@ -537,7 +547,7 @@ def render(
         grid_command(json.loads(grid_path.read_text())) if grid_path.is_file() else SST2_COMMAND
     )
     paper = paper_section(sst2_paper, figure_dir, doc) if sst2_paper is not None else ""
-    fsdd_part = fsdd_section(fsdd, figure_dir, doc) if fsdd is not None else ""
+    fsdd_part = fsdd_section(fsdd) if fsdd is not None else ""
     heading = "## Comparison with the paper (Tab. 8 and Tab. 16)\n"
     if paper:
         heading = "## Comparison with the paper (Tab. 8, Tab. 11 and Tab. 16)\n"

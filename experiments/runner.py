@@ -33,6 +33,7 @@ from typing import Any, Literal
 import yaml
 
 __all__ = [
+    "LAST_CHECKPOINT",
     "SELECT",
     "Cell",
     "best_validation_row",

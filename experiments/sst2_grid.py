@@ -33,7 +33,11 @@ sentences, float32. Each run tests its final weights (3 epochs of linear decay t
 paper) and saves its full state after every epoch, so an interrupted cell resumes from its
 last epoch (``checkpoints/last.ckpt``) instead of starting over; finished cells drop their
 checkpoints, after the appendix E weight diversity of LoRA-Ensemble is computed from them
-(``lorae analyze``, ``weight_diversity.json``). ``--dry-run`` lists every cell with its
+(``lorae analyze``, ``weight_diversity.json``). The tested run of seed ``--lr-seed`` is the
+search run at the chosen rate, tested (:func:`reuses_search`): the same command and seed
+would train the same weights again. To continue a grid on another machine, copy its kept
+records back first (``cp -r experiments/records/<date>/sst2_paper runs/sst2_paper``): every
+finished cell has its marker there and is skipped. ``--dry-run`` lists every cell with its
 estimated CPU time (:mod:`experiments.estimate_cost`, from kept records).
 """
 
@@ -51,6 +55,7 @@ if __package__ in (None, ""):  # run as `python experiments/sst2_grid.py`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from experiments.runner import (
+    LAST_CHECKPOINT,
     SELECT,
     Cell,
     Mode,
@@ -249,6 +254,12 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="paper protocol: keep the tested runs' last.ckpt (default: removed when done)",
     )
+    parser.add_argument(
+        "--retrain-lr-seed",
+        action="store_true",
+        help="paper protocol: train the tested run of seed --lr-seed again instead of testing\n"
+        "the search run at the chosen rate (the same weights; see reuses_search)",
+    )
     parser.add_argument("--dry-run", action="store_true", help="print the commands only")
     return parser
 
@@ -399,6 +410,8 @@ def print_cell(cell: Cell) -> None:
     """A dry run's listing of one cell: its folder and estimate, then its command."""
     estimate = cell.estimate_seconds
     cost = "estimate n/a" if estimate is None else f"~{estimate / 3600:.2f} CPU-h"
+    if cell.info.get("reuses_search"):
+        cost += f"; tests the search run at the chosen rate ({REUSED_FILE})"
     print(f"# {cell.folder} ({cost})")
     print(" ".join(["lorae", *cell.args]))
 
@@ -416,10 +429,11 @@ def search_method(args: argparse.Namespace, method: str) -> dict[str, Any] | Non
         if record["returncode"] != 0:
             print(f"[lr search] {method} lr={lr:g}: FAILED, see {cell.folder / 'lorae.log'}")
             return None
+        keep = args.keep_lr_checkpoints or reuses_search(args)  # hand_over removes them
         summary = (
             json.loads((cell.folder / cell.marker).read_text())
             if record["skipped"]
-            else finish_search_cell(cell, args.select, args.keep_lr_checkpoints, args.checkpoint)
+            else finish_search_cell(cell, args.select, keep, args.checkpoint)
         )
         candidates[lr] = {**summary, "wall_seconds": record.get("wall_seconds")}
         print(f"[lr search] {method} lr={lr:g}: {args.select}={summary[args.select]:.4f}")
@@ -437,7 +451,62 @@ def search_method(args: argparse.Namespace, method: str) -> dict[str, Any] | Non
         json.dumps(choice, indent=2) + "\n"
     )
     print(f"[lr search] {method}: chose lr={lr:g}")
+    hand_over(args, method, lr)
     return choice
+
+
+#: Written into a tested cell whose training is the learning-rate search run at the chosen rate.
+REUSED_FILE = "reused_training.json"
+
+
+def reuses_search(args: argparse.Namespace) -> bool:
+    """Whether the tested run of seed ``--lr-seed`` is the search run at the chosen rate.
+
+    With ``--protocol paper`` both stages train the final weights with the same command except
+    ``--test_after_fit`` (same seed, rate, epochs and data), and ``trainer.deterministic`` is
+    on, so training that seed again would repeat the search run bit for bit. Its final
+    checkpoint (``last.ckpt``, the full training state after the last epoch) is handed to
+    the tested cell instead, which resumes from it with nothing left to train and tests it:
+    one training run fewer per method (about 6 CPU-hours of the grid's 38)."""
+    return (
+        args.checkpoint == "final"
+        and not args.retrain_lr_seed
+        and args.lr_seed in args.seeds
+        and (args.lr_epochs is None or args.lr_epochs == args.epochs)
+    )
+
+
+def hand_over(args: argparse.Namespace, method: str, lr: float) -> None:
+    """Move the chosen search run's ``last.ckpt`` into the tested cell of seed ``--lr-seed``
+    (see :func:`reuses_search`) with :data:`REUSED_FILE` (where it was trained, its wall and
+    CPU time) and its CSV log (merged with the test's, as a resumed attempt's), then remove
+    the other candidates' checkpoints (unless ``--keep-lr-checkpoints``). A tested cell that
+    is done or already holds a checkpoint is left alone; without the checkpoint (a search
+    finished on another machine, its records restored) the tested cell trains from the start
+    as usual."""
+    if not reuses_search(args):
+        return
+    target = test_cell(args, method, args.lr_seed, lr)
+    for rate, cell in search_cells(args, method):
+        source = cell.folder / "checkpoints" / LAST_CHECKPOINT
+        moved = target.folder / "checkpoints" / LAST_CHECKPOINT
+        if rate == lr and source.is_file() and not target.done and not moved.is_file():
+            moved.parent.mkdir(parents=True, exist_ok=True)
+            source.replace(moved)
+            # its training log, merged in front of the test's like a resumed attempt's
+            (target.folder / "csv").mkdir(exist_ok=True)
+            shutil.copyfile(
+                cell.folder / "csv" / "metrics.csv", target.folder / "csv" / "metrics.csv"
+            )
+            run = json.loads((cell.folder / "run.json").read_text())
+            reused = {
+                "trained_in": cell.folder.relative_to(args.output).as_posix(),
+                "wall_seconds": run.get("wall_seconds"),
+                "cpu_seconds": run.get("cpu_seconds"),
+            }
+            (target.folder / REUSED_FILE).write_text(json.dumps(reused, indent=2) + "\n")
+        if not args.keep_lr_checkpoints:
+            shutil.rmtree(cell.folder / "checkpoints", ignore_errors=True)
 
 
 #: Written next to an analysed run: the appendix E score and a few function-space numbers.
@@ -524,8 +593,19 @@ def test_cell(args: argparse.Namespace, method: str, seed: int, lr: float) -> Ce
     cell_args = [*common_args(args, method, seed, lr), "--test_after_fit=true"]
     if args.epochs is not None:
         cell_args.append(f"--trainer.max_epochs={args.epochs}")
-    info = {"stage": "test", "method": method, "lr": lr, "seed": seed}
-    return make_cell(args, folder, cell_args, info, epochs=args.epochs)
+    info: dict[str, Any] = {"stage": "test", "method": method, "lr": lr, "seed": seed}
+    reused = folder / REUSED_FILE
+    if reused.is_file():
+        info["training_reused"] = json.loads(reused.read_text())
+    cell = make_cell(args, folder, cell_args, info, epochs=args.epochs)
+    if reuses_search(args) and seed == args.lr_seed:
+        cell.info["reuses_search"] = True
+        trained = _estimate(args, method, args.epochs or 3, test=False)
+        if cell.estimate_seconds is not None and trained is not None:
+            from experiments.estimate_cost import STARTUP_SECONDS  # a cycle at import time
+
+            cell.estimate_seconds -= trained - STARTUP_SECONDS  # it only tests
+    return cell
 
 
 def seed_runs(args: argparse.Namespace, method: str, lr: float) -> int:
@@ -661,7 +741,12 @@ def main(argv: list[str] | None = None) -> int:
             for k, v in vars(args).items()
             if not k.startswith("_")
         }
-        (args.output / "grid.json").write_text(json.dumps(options, indent=2) + "\n")
+        # a grid spread over sessions (--methods per session) keeps every command it ran
+        path = args.output / "grid.json"
+        earlier = json.loads(path.read_text()).get("invocations", []) if path.is_file() else []
+        invocations = [*earlier, args.argv] if args.argv not in earlier else earlier
+        options["invocations"] = invocations
+        path.write_text(json.dumps(options, indent=2) + "\n")
     failed = run_grid(args)
     if args.dry_run:
         print_plan(args._planned, args.threads)

@@ -172,3 +172,69 @@ def test_results_section_describes_the_split(archive: Path, tmp_path: Path) -> N
     fsdd_ast.extract_split(archive, tmp_path / "data", SMALL_RULE)
     text = fsdd_results.fsdd_section(tmp_path)
     assert SMALL_RULE.describe() in text and "18 test clips" in text
+
+
+def fake_fsdd_runs(folder: Path, accs: dict[str, list[float]]) -> None:
+    """Finished FSDD records: the pretraining run and each method's seeds."""
+    pretrain = folder / "pretrain"
+    pretrain.mkdir(parents=True)
+    (pretrain / "metrics.json").write_text(json.dumps({"metrics": {"test/acc": 0.9083}}))
+    (pretrain / "run.json").write_text(
+        json.dumps({"command": ["lorae", "fit"], "wall_seconds": 250.0, "cpu_seconds": 480.0})
+    )
+    for method, values in accs.items():
+        for seed, acc in enumerate(values):
+            run = folder / "runs" / method / f"seed{seed}"
+            run.mkdir(parents=True)
+            metrics = {"test/acc": acc, "test/ece": 0.07, "test/nll": 0.17 + seed / 100}
+            report = {"metrics": metrics, "method": {}, "compute": {"train_seconds_per_epoch": 9}}
+            (run / "metrics.json").write_text(json.dumps(report))
+            command = ["lorae", "fit", f"--config=configs/fsdd/{method}.yaml", f"--seed={seed}"]
+            record = {"method": method, "seed": seed, "command": command}
+            record |= {"wall_seconds": 500.0 + seed, "cpu_seconds": 900.0, "threads": "2"}
+            (run / "run.json").write_text(json.dumps(record))
+
+
+def test_results_document_and_rerun_comparison(tmp_path: Path) -> None:
+    """docs/results.md's FSDD section from records: mean ± std per method, every cell's wall
+    time and command; compare_rerun finds identical and changed reruns; kept records
+    regenerate the same section."""
+    import statistics
+
+    from experiments import compare_rerun, keep_records, make_results
+
+    fsdd = tmp_path / "fsdd"
+    accs = {"lora_ensemble": [0.964, 0.958, 0.97], "single_network": [0.95, 0.94, 0.945]}
+    fake_fsdd_runs(fsdd, accs)
+    doc = tmp_path / "docs" / "results.md"
+    none = str(tmp_path / "none")
+    args = ["--sst2", none, "--cifar10", none, "--cifar10-device", none, "--sst2-paper", none]
+    args += ["--fsdd", str(fsdd), "--output", str(doc), "--discussion", none]
+    assert make_results.main(args) == 0
+    part = compare_rerun.section(doc.read_text(), "## FSDD")
+    assert "The AST trained from scratch" in part and "Accuracy 0.9083" in part
+    for method, values in accs.items():
+        row = next(line for line in part.splitlines() if line.startswith(f"| {method} | 0,1,2 |"))
+        assert f"{statistics.fmean(values):.4f} ± {statistics.stdev(values):.4f}" in row
+    assert "| runs/lora_ensemble/seed2 | n/a | 2 | 1 | 502 | 900 | n/a |" in part
+    assert "| pretrain | n/a | n/a | 1 | 250 | 480 | n/a |" in part
+    assert "**all 7 cells**" in part
+    assert "lorae fit --config=configs/fsdd/single_network.yaml --seed=1" in part
+    assert fsdd_results.FSDD_COMMAND in part
+
+    out = tmp_path / "reproducibility.md"
+    compare_args = ["--fsdd", str(fsdd), "--reference", str(doc), "--output", str(out)]
+    assert compare_rerun.main(compare_args) == 0
+    assert "| fsdd | lora_ensemble | 0,1,2 | identical |" in out.read_text()
+    assert "| fsdd | pretrain |" in out.read_text()
+    changed = fsdd / "runs" / "single_network" / "seed1" / "metrics.json"
+    changed.write_text(json.dumps({"metrics": {"test/acc": 0.5}, "method": {}, "compute": {}}))
+    assert compare_rerun.main(compare_args) == 1
+    assert "| fsdd | single_network | 0,1,2 | differs |" in out.read_text()
+
+    records = tmp_path / "records"
+    fake_fsdd_runs(tmp_path / "fresh", accs)
+    assert keep_records.main([str(tmp_path / "fresh"), str(records)]) == 0
+    again = tmp_path / "again.md"
+    assert make_results.main([*args, "--fsdd", str(records), "--output", str(again)]) == 0
+    assert compare_rerun.section(again.read_text(), "## FSDD") == part

@@ -60,7 +60,10 @@ def test_paper_dry_run_lists_every_cell(tmp_path: Path, capsys: pytest.CaptureFi
         ensemble = any(f"/{m}.yaml" in line for m in sst2_grid.ENSEMBLES)
         assert ("--model.method.init_args.num_members=8" in line) == ensemble, line
     # every cell is listed with its estimate, and the plan is summed
-    assert out.count("CPU-h)") == len(lines)
+    assert out.count(" CPU-h)") + out.count(" CPU-h;") == len(lines)
+    # seed 0's tested cell of every method tests the search run at the chosen rate
+    reused = [line for line in out.splitlines() if sst2_grid.REUSED_FILE in line]
+    assert len(reused) == len(methods) and all("/seed0 " in line for line in reused)
     assert f"# {len(lines)} cells; estimated" in out
     args = sst2_grid.parse(paper_argv(tmp_path, "--protocol", "paper"))
     assert args.select == "val/acc" and args.checkpoint == "final"  # appendix M: accuracy
@@ -245,6 +248,7 @@ def fake_paper_grid(folder: Path, accs: dict[float, list[float]]) -> None:
     gains in gain/g<G>/; Single LoRA in runs/ too."""
     argv = ["--data", "/d", "--output", str(folder), "--jobs", "2"]
     grid = {"protocol": "paper", "argv": ["--protocol", "paper", *argv], "data": "/d"}
+    grid["invocations"] = [grid["argv"], [*grid["argv"], "--methods", "lora_ensemble"]]
     folder.mkdir(parents=True)
     (folder / "grid.json").write_text(json.dumps(grid))
     selection = {"lr": 5e-5, "selected_by": "val/acc", "seed": 0}
@@ -295,6 +299,7 @@ def test_results_doc_has_the_paper_tables_gain_figure_and_cost(tmp_path: Path) -
     part = compare_rerun.section(text, make_results.PAPER_HEADING)
     assert part and "Comparison with the paper (Tab. 8, Tab. 11 and Tab. 16)" in text
     assert "python experiments/sst2_paper.py grid --data /d --output" in part
+    assert "--jobs 2 --methods lora_ensemble\n" in part  # every session's command
     assert f"python experiments/sst2_paper.py gain --grid {paper}" in part
     # Tab. 8-like: one row per method with mean ± std over its seeds
     row = next(line for line in part.splitlines() if line.startswith("| lora_ensemble | 0,1 |"))
@@ -350,9 +355,9 @@ def test_old_documents_have_no_paper_section(tmp_path: Path) -> None:
     assert "## Comparison with the paper (Tab. 8 and Tab. 16)" in text
 
 
-def test_interrupted_paper_cell_resumes_through_the_real_cli(tmp_path: Path) -> None:
-    """A tiny BERT through the real `lorae fit`: a tested cell whose metrics are gone but
-    whose last.ckpt (after epoch 1) remains continues from it for its second epoch."""
+def tiny_sst2(tmp_path: Path) -> tuple[Path, list[str]]:
+    """A 24-sentence SST-2, 6 AG News texts and a tiny BERT: the data folder and the
+    ``--override`` items that swap the tiny model in."""
     from tests.experiments.test_experiments import tiny_text_overrides
     from tests.fixtures.builders import glue_sentences, write_glue_tsv, write_tiny_tokenizer
 
@@ -362,11 +367,17 @@ def test_interrupted_paper_cell_resumes_through_the_real_cli(tmp_path: Path) -> 
     (data / "agnews" / "dev.tsv").write_text(
         "".join(f"{s}\tWorld\n" for s in glue_sentences(6, seed=7)), encoding="utf-8"
     )
-    tokenizer = write_tiny_tokenizer(tmp_path / "tokenizer")
+    return data, tiny_text_overrides(write_tiny_tokenizer(tmp_path / "tokenizer"))
+
+
+def test_interrupted_paper_cell_resumes_through_the_real_cli(tmp_path: Path) -> None:
+    """A tiny BERT through the real `lorae fit`: a tested cell whose metrics are gone but
+    whose last.ckpt (after epoch 1) remains continues from it for its second epoch."""
+    data, overrides = tiny_sst2(tmp_path)
     argv = ["--protocol", "paper", "--data", str(data), "--output", str(tmp_path / "grid")]
     argv += ["--methods", "single_lora", "--lrs", "0.002", "--seeds", "0", "--train-limit", "24"]
     argv += ["--mode", "in-process", "--keep-checkpoints", "--ood-limit", "6"]
-    argv += ["--override", *tiny_text_overrides(tokenizer)]
+    argv += ["--retrain-lr-seed", "--override", *overrides]
     assert sst2_grid.main([*argv, "--epochs", "1"]) == 0
     run = tmp_path / "grid" / "runs" / "single_lora" / "seed0"
     assert (run / "checkpoints" / "last.ckpt").is_file()
@@ -383,3 +394,50 @@ def test_interrupted_paper_cell_resumes_through_the_real_cli(tmp_path: Path) -> 
     ]
     assert [int(e) for e in epochs] == [0, 1]  # epoch 0 from the first attempt, 1 resumed
     assert "test/acc" in json.loads((run / "metrics.json").read_text())["metrics"]
+
+
+def test_lr_seeds_tested_run_is_the_search_run_tested(tmp_path: Path) -> None:
+    """Seed 0's tested run reuses the search run at the chosen rate (its last.ckpt, then only
+    `lorae test`), and gives the same test metrics as training seed 0 again."""
+    data, overrides = tiny_sst2(tmp_path)
+    argv = ["--protocol", "paper", "--data", str(data), "--methods", "single_lora"]
+    argv += ["--lrs", "0.002", "0.004", "--seeds", "0", "--train-limit", "24", "--epochs", "2"]
+    argv += ["--mode", "in-process", "--ood-limit", "6"]
+    argv += ["--override", *overrides]
+    reused, again = tmp_path / "reused", tmp_path / "again"
+    assert sst2_grid.main([*argv, "--output", str(reused)]) == 0
+    assert sst2_grid.main([*argv, "--output", str(again), "--retrain-lr-seed"]) == 0
+
+    chosen = json.loads((reused / "lr_selection.json").read_text())["single_lora"]["lr"]
+    run = reused / "runs" / "single_lora" / "seed0"
+    record = json.loads((run / sst2_grid.REUSED_FILE).read_text())
+    assert record["trained_in"] == f"lr_search/single_lora/{runner.lr_label(chosen)}"
+    assert record["wall_seconds"] > 0
+    attempts = json.loads((run / "attempts.json").read_text())
+    assert len(attempts) == 1 and attempts[0]["resumed_from"].endswith("last.ckpt")
+    assert json.loads((run / "run.json").read_text())["training_reused"] == record
+    # nothing left behind: the checkpoints moved or were removed
+    assert not list((reused / "lr_search").rglob("*.ckpt"))
+    assert not list(run.rglob("*.ckpt"))
+    assert not (again / "runs" / "single_lora" / "seed0" / sst2_grid.REUSED_FILE).exists()
+    # the tested cell's log holds the search run's epochs, then the test
+    rows = list(__import__("csv").DictReader((run / "csv" / "metrics.csv").open()))
+    assert [int(float(r["epoch"])) for r in rows if r.get("val/acc")] == [0, 1]
+    assert any(r.get("test/acc") for r in rows)
+
+    def test_metrics(folder: Path) -> dict[str, float]:
+        metrics = json.loads((folder / "runs/single_lora/seed0/metrics.json").read_text())
+        return {k: v for k, v in metrics["metrics"].items() if k.startswith("test/")}
+
+    # a second session's command (everything done: skipped) is recorded next to the first
+    assert sst2_grid.main([*argv, "--output", str(reused)]) == 0
+    assert sst2_grid.main([*argv, "--output", str(reused), "--jobs", "1"]) == 0
+    invocations = json.loads((reused / "grid.json").read_text())["invocations"]
+    assert invocations == [
+        [*argv, "--output", str(reused)],
+        [*argv, "--output", str(reused), "--jobs", "1"],
+    ]
+    first, second = test_metrics(reused), test_metrics(again)
+    assert first and first.keys() == second.keys()
+    for key in first:
+        assert first[key] == pytest.approx(second[key], rel=1e-6, abs=1e-9), key

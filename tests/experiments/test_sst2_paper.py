@@ -441,3 +441,34 @@ def test_lr_seeds_tested_run_is_the_search_run_tested(tmp_path: Path) -> None:
     assert first and first.keys() == second.keys()
     for key in first:
         assert first[key] == pytest.approx(second[key], rel=1e-6, abs=1e-9), key
+
+
+def test_keep_earlier_sections_adds_the_new_ones(tmp_path: Path) -> None:
+    """--keep-earlier-sections keeps what comes before the issue 18 sections byte for byte,
+    inserts the paper-protocol section, rewrites the discussion, and is idempotent."""
+    pytest.importorskip("matplotlib")
+    paper = tmp_path / "paper"
+    fake_paper_grid(paper, {10.0: [0.85, 0.86], 1.0: [0.80, 0.82]})
+    doc = tmp_path / "docs" / "results.md"
+    doc.parent.mkdir()
+    earlier = "# Results\n\n## SST-2 dev grid\n\n| a | row from lost runs |\n"
+    doc.write_text(
+        f"{earlier}\n## Comparison with the paper (Tab. 8 and Tab. 16)\n"
+        f"{make_results.DISCUSSION_MARKER}\nOld discussion.\n"
+    )
+    discussion = tmp_path / "discussion.md"
+    discussion.write_text("New discussion.")
+    none = str(tmp_path / "none")
+    args = ["--sst2", none, "--cifar10", none, "--cifar10-device", none, "--fsdd", none]
+    args += ["--sst2-paper", str(paper), "--output", str(doc), "--discussion", str(discussion)]
+    args += ["--keep-earlier-sections"]
+    assert make_results.main(args) == 0
+    text = doc.read_text()
+    assert text.startswith(earlier)
+    assert text.index(make_results.PAPER_HEADING) > len(earlier)
+    assert "## Comparison with the paper (Tab. 8, Tab. 11 and Tab. 16)" in text
+    assert text.endswith("New discussion.\n") and "Old discussion" not in text
+    assert make_results.main(args) == 0
+    assert doc.read_text() == text
+    with pytest.raises(SystemExit, match="no comparison section"):
+        make_results.earlier_sections("# a document without the sections\n")

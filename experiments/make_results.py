@@ -478,6 +478,15 @@ def paper_section(folder: Path, figure_dir: Path, doc: Path) -> str:
     if selection_path.is_file():
         parts.append("\nLearning rates, chosen on the validation part only:\n\n")
         parts.append(lr_table(json.loads(selection_path.read_text())))
+    from experiments.sst2_grid import PAPER_METHODS  # sst2_grid's tools import this module
+
+    missing = [m for m in PAPER_METHODS if m not in {r["method"]["method"] for r in reports}]
+    if missing:
+        parts.append(
+            f"\n**Partial grid:** {len(PAPER_METHODS) - len(missing)} of {len(PAPER_METHODS)} "
+            f"methods have tested runs so far; not yet run: {', '.join(missing)}. The grid "
+            "continues from its kept records in later sessions (experiments/README.md).\n"
+        )
     parts.append("\nTest part, mean ± std over seeds (Tab. 8):\n\n")
     parts.append(table(reports, [*QUALITY, *SST2_OOD]))
     rows = gain_rows(folder)

@@ -300,6 +300,8 @@ def test_results_doc_has_the_paper_tables_gain_figure_and_cost(tmp_path: Path) -
     assert part and "Comparison with the paper (Tab. 8, Tab. 11 and Tab. 16)" in text
     assert "python experiments/sst2_paper.py grid --data /d --output" in part
     assert "--jobs 2 --methods lora_ensemble\n" in part  # every session's command
+    assert "**Partial grid:** 1 of 7 methods have tested runs so far; not yet run: " in part
+    assert "single_network, single_lora, mc_dropout, explicit_ensemble, batch_ensemble," in part
     assert f"python experiments/sst2_paper.py gain --grid {paper}" in part
     # Tab. 8-like: one row per method with mean ± std over its seeds
     row = next(line for line in part.splitlines() if line.startswith("| lora_ensemble | 0,1 |"))

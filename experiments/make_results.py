@@ -325,6 +325,12 @@ def commands_block(reports: Sequence[dict[str, Any]]) -> str:
         run_path = report["_folder"] / "run.json"
         run = json.loads(run_path.read_text()) if run_path.is_file() else {}
         command = " ".join(run.get("command", ["(no run.json)"]))
+        reused = run.get("training_reused")
+        if reused:  # sst2_grid.reuses_search: trained by the search cell, only tested here
+            command = (
+                f"# trained in {reused['trained_in']} (the same command with "
+                f"--test_after_fit=false), then tested:\n{command}"
+            )
         groups.setdefault(report["method"]["method"], []).append(command)
     blocks = [
         f"{method}:\n\n```bash\n" + "\n".join(lines) + "\n```\n" for method, lines in groups.items()

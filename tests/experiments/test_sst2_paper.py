@@ -418,6 +418,8 @@ def test_lr_seeds_tested_run_is_the_search_run_tested(tmp_path: Path) -> None:
     attempts = json.loads((run / "attempts.json").read_text())
     assert len(attempts) == 1 and attempts[0]["resumed_from"].endswith("last.ckpt")
     assert json.loads((run / "run.json").read_text())["training_reused"] == record
+    commands = make_results.commands_block(make_results.load_runs(reused))
+    assert f"# trained in {record['trained_in']} (the same command with" in commands
     # nothing left behind: the checkpoints moved or were removed
     assert not list((reused / "lr_search").rglob("*.ckpt"))
     assert not list(run.rglob("*.ckpt"))

@@ -77,6 +77,7 @@ GRID_FLAGS = {
     "seeds": ("--seeds", [0, 1, 2]),
     "lrs": ("--lrs", None),
     "fixed_lr": ("--fixed-lr", None),
+    "method_lr": ("--method-lr", []),
     "share_lr": ("--share-lr", []),
     "jobs": ("--jobs", 1),
     "threads": ("--threads", 1),
@@ -545,7 +546,12 @@ def replace_discussion(document: str, discussion: Path) -> str:
 
 
 #: Where the issue 18 sections (and after them the comparison) start in a generated document.
-NEW_SECTION_STARTS = (PAPER_HEADING, "## FSDD", "## Comparison with the paper")
+NEW_SECTION_STARTS = (
+    PAPER_HEADING,
+    "## FSDD",
+    "## SST-2 on the full training set",
+    "## Comparison with the paper",
+)
 
 
 def earlier_sections(document: str) -> str:
@@ -566,6 +572,7 @@ def render(
     sst2_paper: Path | None = None,
     fsdd: Path | None = None,
     earlier: str | None = None,
+    sst2_gpu: Path | None = None,
 ) -> str:
     """The whole document. The paper-protocol and FSDD sections appear only when their runs
     exist, so the document of the earlier records regenerates unchanged. ``earlier``: the
@@ -579,10 +586,15 @@ def render(
     )
     paper = paper_section(sst2_paper, figure_dir, doc) if sst2_paper is not None else ""
     fsdd_part = fsdd_section(fsdd) if fsdd is not None else ""
+    gpu_part = ""
+    if sst2_gpu is not None:
+        from experiments.gpu_issue18 import gpu_section  # it imports this module's tables
+
+        gpu_part = gpu_section(sst2_gpu)
     heading = "## Comparison with the paper (Tab. 8 and Tab. 16)\n"
     if paper:
         heading = "## Comparison with the paper (Tab. 8, Tab. 11 and Tab. 16)\n"
-    extra = [part for part in (paper, fsdd_part) if part]
+    extra = [part for part in (paper, fsdd_part, gpu_part) if part]
     if earlier is not None:
         return "\n".join(
             [
@@ -643,6 +655,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--fsdd", type=Path, default=Path("runs/fsdd_ast"), help="FSDD runs (fsdd_results.py)"
     )
+    parser.add_argument(
+        "--sst2-gpu",
+        type=Path,
+        default=Path("runs/sst2_full"),
+        help="the GPU run's kept records (experiments/gpu_issue18.sh; a section when present)",
+    )
     parser.add_argument("--output", type=Path, default=REPO / "docs" / "results.md")
     parser.add_argument("--discussion", type=Path, default=REPO / "experiments" / "discussion.md")
     parser.add_argument(
@@ -682,6 +700,7 @@ def main(argv: list[str] | None = None) -> int:
             args.sst2_paper,
             args.fsdd,
             earlier,
+            args.sst2_gpu,
         )
     )
     print(f"Written: {args.output}")

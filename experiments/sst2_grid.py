@@ -15,7 +15,9 @@ The test split is never evaluated in this stage.
 Stage 2: each method is trained with its chosen learning rate for every seed through the real
 ``lorae fit --test_after_fit=true`` and writes ``<output>/runs/<method>/seed<S>/metrics.json``.
 ``--fixed-lr LR`` skips stage 1 and runs stage 2 at ``LR`` for every method (a rerun of a
-finished grid's seeds at the rate it chose).
+finished grid's seeds at the rate it chose); ``--method-lr METHOD=LR ...`` does the same with a
+rate per method (the GPU run of issue 18 trains on the full training set at the rates the CPU
+grid chose, ``experiments/gpu_issue18.sh``).
 
 Every run is a cell in its own folder with ``run.json`` (command, wall time, exit code); cells
 whose marker exists are skipped, so running the same command again continues an interrupted
@@ -197,6 +199,14 @@ def _parser() -> argparse.ArgumentParser:
         "rate a finished grid chose; recorded in grid.json, no lr_selection.json)",
     )
     parser.add_argument(
+        "--method-lr",
+        nargs="+",
+        default=[],
+        metavar="METHOD=LR",
+        help="no search, a rate per method (e.g. single_network=5e-05 lora_ensemble=7e-05,\n"
+        "the rates another grid chose); methods not named take --fixed-lr",
+    )
+    parser.add_argument(
         "--select", choices=sorted(SELECT), default=None, help="dev: val/nll; paper: val/acc"
     )
     parser.add_argument("--precision", default="32-true", choices=["32-true", "32", "bf16-mixed"])
@@ -277,7 +287,8 @@ def resolve_protocol(args: argparse.Namespace) -> argparse.Namespace:
         args.members = protocol.members
     if args.train_limit is None:
         args.train_limit = protocol.train_limit
-    if args.lrs is None and protocol.lrs is not None and args.fixed_lr is None:
+    searches = args.fixed_lr is None and not args.method_lr
+    if args.lrs is None and protocol.lrs is not None and searches:
         args.lrs = list(protocol.lrs)
     if args.analyze is None:
         args.analyze = list(protocol.analyze)
@@ -470,6 +481,7 @@ def reuses_search(args: argparse.Namespace) -> bool:
     one training run fewer per method (about 6 CPU-hours of the grid's 38)."""
     return (
         args.checkpoint == "final"
+        and fixed_rates(args) is None
         and not args.retrain_lr_seed
         and args.lr_seed in args.seeds
         and (args.lr_epochs is None or args.lr_epochs == args.epochs)
@@ -695,12 +707,46 @@ def plan(argv: list[str]) -> list[Cell]:
     return list(args._planned)
 
 
+def fixed_rates(args: argparse.Namespace) -> dict[str, float] | None:
+    """The rate of every method when ``--fixed-lr`` or ``--method-lr`` replaces the search
+    (``None`` when the grid searches).
+
+    Raises:
+        SystemExit: A ``--method-lr`` item is not ``METHOD=LR`` with a known method and a
+            number, or a method of ``--methods`` has no rate.
+    """
+    if args.fixed_lr is None and not args.method_lr:
+        return None
+    rates: dict[str, float] = {}
+    for item in args.method_lr:
+        method, _, value = item.partition("=")
+        try:
+            rates[method] = float(value)
+        except ValueError:
+            rates[method] = float("nan")
+        if method not in LEARNING_RATES or not rates[method] > 0:
+            raise SystemExit(
+                f"error: --method-lr needs METHOD=LR with one of {', '.join(LEARNING_RATES)} and "
+                f"a positive rate, got {item!r}"
+            )
+    missing = [m for m in args.methods if m not in rates and args.fixed_lr is None]
+    if missing:
+        raise SystemExit(
+            f"error: no rate for {', '.join(missing)}: add METHOD=LR to --method-lr or give "
+            "--fixed-lr for the rest"
+        )
+    return {m: rates.get(m, args.fixed_lr) for m in args.methods}
+
+
 def run_grid(args: argparse.Namespace) -> int:
     """Both stages for every method; returns the number of failed runs."""
-    if args.fixed_lr is not None:  # stage 2 only
+    rates = fixed_rates(args)
+    if rates is not None:  # stage 2 only
         if args.lrs or args.share_lr:
-            raise SystemExit("error: --fixed-lr replaces the search: drop --lrs and --share-lr")
-        return sum(parallel(args.jobs, lambda m: seed_runs(args, m, args.fixed_lr), args.methods))
+            raise SystemExit(
+                "error: --fixed-lr and --method-lr replace the search: drop --lrs and --share-lr"
+            )
+        return sum(parallel(args.jobs, lambda m: seed_runs(args, m, rates[m]), args.methods))
     shared = shared_lrs(args)
     searched = [m for m in args.methods if m not in shared]
     results = parallel(args.jobs, lambda m: search_method(args, m), searched)

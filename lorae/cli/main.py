@@ -255,6 +255,9 @@ class LoraeCLI(LightningCLI):
         """Evaluating a checkpoint needs no pretrained download: the checkpoint holds every
         weight, the frozen backbone included, so the backbone is built randomly initialised
         and then overwritten. This keeps `lorae test` working on machines without internet.
+        ``pretrained`` given as a local path that exists is kept: reading it downloads
+        nothing, and a Hugging Face folder's ``config.json`` gives the architecture the
+        checkpoint holds where it is not the backbone name's.
         An adapter-only checkpoint (``model.checkpoint: adapters``) lacks the backbone: the
         configured ``pretrained`` weights are loaded (and checked against its fingerprint).
 
@@ -273,8 +276,15 @@ class LoraeCLI(LightningCLI):
         if self.adapter_checkpoint:  # it needs the pretrained backbone
             return
         init_args = config.model.method.get("init_args")
-        if init_args is not None and init_args.get("pretrained") not in (None, False):
-            init_args.pretrained = False
+        pretrained = None if init_args is None else init_args.get("pretrained")
+        if pretrained in (None, False):
+            return
+        if isinstance(pretrained, str) and Path(pretrained).expanduser().exists():
+            # Local weights cost no download, and a Hugging Face folder's config.json is the
+            # architecture the checkpoint was trained with (it may differ from the backbone
+            # name's, e.g. a smaller BERT saved under a BERT name): build from it.
+            return
+        init_args.pretrained = False
 
     def instantiate_classes(self) -> None:
         """Instantiate as LightningCLI does, keeping a ``model.class_weights`` set in the config.

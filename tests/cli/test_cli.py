@@ -473,6 +473,45 @@ def test_evaluating_a_checkpoint_loads_no_pretrained_weights(tmp_path: Path) -> 
         run_cli(["fit", "--config", str(cfg), *unreachable, *FAST])
 
 
+def test_evaluating_a_checkpoint_keeps_a_local_pretrained_folder(tmp_path: Path) -> None:
+    """A BERT fine-tuned from a local folder whose architecture is not its name's (a tiny
+    BERT as `all-MiniLM-L6-v2`): `lorae test` builds the folder's architecture, so the
+    checkpoint loads; dropping `pretrained` built the name's 384-wide model and failed."""
+    from tests.fixtures.builders import write_glue_tsv, write_tiny_bert_folder
+
+    data = write_glue_tsv(tmp_path / "sst2", n_train=24, n_dev=20)
+    bert = write_tiny_bert_folder(tmp_path / "bert")
+    common = [
+        "--config",
+        str(REPO_ROOT / "configs" / "sst2_minilm" / "lora_ensemble.yaml"),
+        f"--data.init_args.root={data}",
+        "--data.init_args.ood_file=null",
+        f"--model.method.init_args.pretrained={bert}",
+        "--plots=false",
+        "--trainer.enable_progress_bar=false",
+    ]
+    run_cli(
+        [
+            "fit",
+            *common,
+            "--trainer.max_epochs=1",
+            "--test_after_fit=false",
+            f"--trainer.logger.init_args.save_dir={tmp_path / 'fit'}",
+        ]
+    )
+    checkpoint = only_file(tmp_path / "fit", "best.ckpt")
+    run_cli(
+        [
+            "test",
+            *common,
+            "--ckpt_path",
+            str(checkpoint),
+            f"--trainer.logger.init_args.save_dir={tmp_path / 'test'}",
+        ]
+    )
+    check_test_metrics(read_metrics(only_file(tmp_path / "test", "metrics.json")), 4)
+
+
 # ------------------------------------------------------------------------ 6. quickstart
 
 

@@ -28,7 +28,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import yaml
 
@@ -47,6 +47,7 @@ __all__ = [
     "set_threads",
 ]
 
+T = TypeVar("T")
 Mode = Literal["subprocess", "in-process"]
 
 #: Selection metric -> whether lower is better.
@@ -348,7 +349,7 @@ def select_lr(
     return lr, candidates[lr]
 
 
-def parallel(jobs: int, work: Callable[[str], Any], items: Sequence[str]) -> list[Any]:
+def parallel(jobs: int, work: Callable[[T], Any], items: Sequence[T]) -> list[Any]:
     """``work(item)`` for every item, ``jobs`` at a time (threads, each driving its own child
     processes), results in order."""
     if jobs == 1:

@@ -23,8 +23,9 @@ Every run is a cell in its own folder with ``run.json`` (command, wall time, exi
 whose marker exists are skipped, so running the same command again continues an interrupted
 grid. A seed sets ``seed_everything`` and the data module's ``seed`` (shuffle order); the data
 subsets use the config's fixed ``subset_seed``. ``trainer.deterministic`` is on in the configs,
-so a cell rerun with the same seed gives the same numbers. ``--jobs 2`` runs two methods at a
-time (one CPU thread each by default).
+so a cell rerun with the same seed gives the same numbers. ``--jobs 2`` runs two cells at a
+time (one CPU thread each by default): any two search cells, of one method or of two, then
+two methods' seeds.
 
 ``--protocol paper`` (issue 18) is the paper's SST-2 protocol (appendix M) scaled down: every
 method, Bayes-LoRA included, searches the same rates of the paper's grid (default
@@ -248,7 +249,10 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--threads", type=int, default=1, help="CPU threads per run")
     parser.add_argument(
-        "--jobs", type=int, default=1, help="methods run at the same time (subprocess mode)"
+        "--jobs",
+        type=int,
+        default=1,
+        help="cells at the same time: search cells, then methods' seeds (subprocess mode)",
     )
     parser.add_argument(
         "--mode",
@@ -427,29 +431,29 @@ def print_cell(cell: Cell) -> None:
     print(" ".join(["lorae", *cell.args]))
 
 
-def search_method(args: argparse.Namespace, method: str) -> dict[str, Any] | None:
-    """Stage 1 for one method: run its search cells and write its choice to
-    ``lr_search/<method>/selection.json``. Returns the choice (``None`` in a dry run)."""
-    candidates: dict[float, dict[str, Any]] = {}
-    for lr, cell in search_cells(args, method):
-        if args.dry_run:
-            print_cell(cell)
-            args._planned.append(cell)
-            continue
-        record = run_cell(cell, args.mode)
-        if record["returncode"] != 0:
-            print(f"[lr search] {method} lr={lr:g}: FAILED, see {cell.folder / 'lorae.log'}")
-            return None
-        keep = args.keep_lr_checkpoints or reuses_search(args)  # hand_over removes them
-        summary = (
-            json.loads((cell.folder / cell.marker).read_text())
-            if record["skipped"]
-            else finish_search_cell(cell, args.select, keep, args.checkpoint)
-        )
-        candidates[lr] = {**summary, "wall_seconds": record.get("wall_seconds")}
-        print(f"[lr search] {method} lr={lr:g}: {args.select}={summary[args.select]:.4f}")
-    if args.dry_run:
+def run_search_cell(args: argparse.Namespace, cell: Cell) -> dict[str, Any] | None:
+    """Run one search cell (skipped when done); its validation summary, ``None`` if it
+    failed."""
+    method, lr = cell.info["method"], cell.info["lr"]
+    record = run_cell(cell, args.mode)
+    if record["returncode"] != 0:
+        print(f"[lr search] {method} lr={lr:g}: FAILED, see {cell.folder / 'lorae.log'}")
         return None
+    keep = args.keep_lr_checkpoints or reuses_search(args)  # hand_over removes them
+    summary = (
+        json.loads((cell.folder / cell.marker).read_text())
+        if record["skipped"]
+        else finish_search_cell(cell, args.select, keep, args.checkpoint)
+    )
+    print(f"[lr search] {method} lr={lr:g}: {args.select}={summary[args.select]:.4f}")
+    return {**summary, "wall_seconds": record.get("wall_seconds")}
+
+
+def choose_lr(
+    args: argparse.Namespace, method: str, candidates: dict[float, dict[str, Any]]
+) -> dict[str, Any]:
+    """Pick ``method``'s rate from its search summaries, write ``selection.json`` and hand
+    the chosen run over to seed ``--lr-seed`` (:func:`hand_over`)."""
     lr, best = select_lr(candidates, args.select)
     choice = {
         "lr": lr,
@@ -464,6 +468,37 @@ def search_method(args: argparse.Namespace, method: str) -> dict[str, Any] | Non
     print(f"[lr search] {method}: chose lr={lr:g}")
     hand_over(args, method, lr)
     return choice
+
+
+def search(args: argparse.Namespace, methods: list[str]) -> dict[str, dict[str, Any] | None]:
+    """Stage 1 for ``methods``: every search cell of every method, ``--jobs`` cells at a time
+    (so two cores stay busy also when one method is left), then each method's choice
+    (``lr_search/<method>/selection.json``). Returns the choices (``None``: a failed cell, or
+    a dry run)."""
+    cells = [cell for method in methods for _, cell in search_cells(args, method)]
+    if args.dry_run:
+        for cell in cells:
+            print_cell(cell)
+            args._planned.append(cell)
+        return dict.fromkeys(methods)
+    summaries = parallel(args.jobs, lambda cell: run_search_cell(args, cell), cells)
+    choices: dict[str, dict[str, Any] | None] = {}
+    for method in methods:
+        results = [
+            (cell.info["lr"], summary)
+            for cell, summary in zip(cells, summaries, strict=True)
+            if cell.info["method"] == method
+        ]
+        if any(summary is None for _, summary in results):
+            choices[method] = None
+            continue
+        choices[method] = choose_lr(args, method, {lr: s for lr, s in results if s is not None})
+    return choices
+
+
+def search_method(args: argparse.Namespace, method: str) -> dict[str, Any] | None:
+    """Stage 1 for one method (:func:`search` of it alone)."""
+    return search(args, [method])[method]
 
 
 #: Written into a tested cell whose training is the learning-rate search run at the chosen rate.
@@ -749,8 +784,7 @@ def run_grid(args: argparse.Namespace) -> int:
         return sum(parallel(args.jobs, lambda m: seed_runs(args, m, rates[m]), args.methods))
     shared = shared_lrs(args)
     searched = [m for m in args.methods if m not in shared]
-    results = parallel(args.jobs, lambda m: search_method(args, m), searched)
-    choices = dict(zip(searched, results, strict=True))
+    choices = search(args, searched)
     failed = sum(1 for choice in choices.values() if choice is None and not args.dry_run)
 
     def seeds_of(method: str) -> int:
@@ -775,8 +809,8 @@ def main(argv: list[str] | None = None) -> int:
     """Run both stages for every method; returns the number of failed runs (0: success).
 
     First every method's learning-rate search (except ``--share-lr`` targets), then every
-    method's seeds. With ``--jobs N`` up to N methods run at the same time, each as its own
-    sequence of child processes.
+    method's seeds. With ``--jobs N`` up to N search cells run at the same time, then up to N
+    methods' seeds, each method's as its own sequence of child processes.
     """
     args = parse(argv)
     set_threads(args.threads)

@@ -243,6 +243,31 @@ def test_paper_search_picks_the_final_epochs_best_accuracy(
     assert "chose lr=5e-05" in capsys.readouterr().out
 
 
+def test_jobs_run_one_methods_search_cells_side_by_side(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`--jobs 2` keeps two cells going also when one method is left: its search cells run
+    in pairs (each fake run waits at a barrier for a partner), and its choice still follows."""
+    import threading
+
+    barrier = threading.Barrier(2, timeout=20)
+    accs = {"2e-05": 0.7, "5e-05": 0.9, "7e-05": 0.8, "1e-04": 0.6}
+
+    def fake(args: list[str], log: Path, mode: str) -> int:
+        barrier.wait()  # BrokenBarrierError when no second cell runs alongside
+        lr = next(a for a in args if a.startswith("--model.optimizer")).split("=")[1]
+        write_csv(log.parent, [(0, accs[f"{float(lr):.0e}"], 0.5)])
+        return 0
+
+    monkeypatch.setattr(runner, "_run_lorae", fake)
+    argv = paper_argv(tmp_path, "--protocol", "paper", "--methods", "single_lora", "--jobs", "2")
+    args = sst2_grid.parse([*argv, "--lrs", "2e-5", "5e-5", "7e-5", "1e-4"])
+    args.output.mkdir(parents=True)
+    choices = sst2_grid.search(args, ["single_lora"])
+    assert choices["single_lora"] is not None and choices["single_lora"]["lr"] == 5e-5
+    assert set(choices["single_lora"]["candidates"]) == {"2e-05", "5e-05", "7e-05", "0.0001"}
+
+
 def fake_paper_grid(folder: Path, accs: dict[float, list[float]]) -> None:
     """A finished paper grid with a gain sweep: LoRA-Ensemble at gain 10 in runs/, the other
     gains in gain/g<G>/; Single LoRA in runs/ too."""

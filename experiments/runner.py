@@ -116,20 +116,27 @@ def parse_overrides(overrides: Sequence[str]) -> list[str]:
 
 def final_checkpoint_callbacks() -> list[dict[str, Any]]:
     """``trainer.callbacks`` of a resumable run that tests its final weights: one
-    ``ModelCheckpoint`` without a monitor (``save_top_k: 0``) that writes the full training
-    state to ``checkpoints/last.ckpt`` after every epoch (what ``--ckpt_path`` resumes from).
-    As in ``configs/sst2/base.yaml`` (the paper trains 3 epochs with a linear decay to 0 and
-    evaluates the result), ``test_after_fit`` then tests the final weights."""
+    ``ModelCheckpoint`` without a monitor that writes the full training state to
+    ``checkpoints/last.ckpt`` after every epoch (what ``--ckpt_path`` resumes from). As in
+    ``configs/sst2/base.yaml`` (the paper trains 3 epochs with a linear decay to 0 and
+    evaluates the result), ``test_after_fit`` then tests the final weights.
+
+    The epoch's checkpoint is the one top-k slot (``save_top_k: 1``) named ``last`` and
+    overwritten in place (``enable_version_counter: false``), not ``save_last``: Lightning 2.6
+    writes ``save_last`` only beside a top-k save, so ``save_top_k: 0, save_last: true``
+    wrote ``last.ckpt`` only when training ended, and a run stopped before that had nothing
+    to resume from (``tests/training/test_epoch_checkpoints.py``)."""
     # Every option is spelled out: jsonargparse merges the init_args of a callback of the same
     # class in the method config's list (configs/sst2_minilm/base.yaml keeps a weights-only
     # val/nll checkpoint), and a weights-only last.ckpt could not be resumed from.
     init_args = {
         "monitor": None,
         "mode": "min",
-        "filename": None,
+        "filename": "last",
         "save_weights_only": False,
-        "save_top_k": 0,
-        "save_last": True,
+        "save_top_k": 1,
+        "save_last": False,
+        "enable_version_counter": False,
     }
     return [{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint", "init_args": init_args}]
 

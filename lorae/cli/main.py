@@ -330,6 +330,11 @@ class LoraeCLI(LightningCLI):
             return
         callback = self.trainer.checkpoint_callback
         best = getattr(callback, "best_model_path", "") if callback is not None else ""
+        dirpath = getattr(callback, "dirpath", None)
+        if best and (dirpath is None or Path(best).parent != Path(dirpath)):
+            # A run resumed from a checkpoint written in another folder (moved there) restores
+            # that folder's path: test the final weights rather than a stale file.
+            best = ""
         ckpt_path = best or None
         print(f"\nTesting {'checkpoint ' + best if best else 'the final weights'}")
         self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=ckpt_path)

@@ -194,7 +194,7 @@ def test_resumable_cell_continues_from_its_last_checkpoint(
     assert record["wall_seconds"] == pytest.approx(sum(a["wall_seconds"] for a in attempts))
     assert record["estimate_seconds"] == 10.0
     loggers = (cell.folder / "loggers.yaml").read_text()
-    assert "save_last: true" in loggers and "save_top_k: 0" in loggers
+    assert "filename: last" in loggers and "save_top_k: 1" in loggers
     assert run_cell(cell)["skipped"] and len(calls) == 2  # done: skipped
 
     # A cell without resume starts over: its folder is deleted.

@@ -209,6 +209,88 @@ def test_members_are_samples_of_the_linearised_predictive_and_checkpointable() -
         )
 
 
+def test_full_factor_variance_is_the_exact_kronecker_posterior() -> None:
+    """Both sides full (the MiniLM case): the eigenbasis form is ``J (F_d ⊗ F_r + I/s2)^-1
+    J^T`` written out densely, and the Woodbury form with ``F_d``'s Cholesky factor."""
+    from lorae.methods.bayes_lora import (
+        block_variance,
+        block_variance_full,
+        kron_decompose,
+        stable_cholesky,
+    )
+
+    generator = torch.Generator().manual_seed(4)
+    n, c, d, r, s2 = 3, 2, 5, 3, 0.3
+    fd = torch.randn(d, d, generator=generator, dtype=torch.float64)
+    fr = torch.randn(r, r, generator=generator, dtype=torch.float64)
+    factor_d, factor_r = fd @ fd.T, fr @ fr.T
+    jacobian = torch.randn(n, c, d, r, generator=generator, dtype=torch.float64)
+    sigma = torch.linalg.inv(torch.kron(factor_d, factor_r) + torch.eye(d * r).double() / s2)
+    flat = jacobian.flatten(-2)  # row-major vec, as kron(F_d, F_r) indexes it
+    dense = flat @ sigma @ flat.mT
+    ours = block_variance_full(jacobian, kron_decompose(factor_d, factor_r), s2)
+    torch.testing.assert_close(ours, dense, rtol=1e-9, atol=1e-12)
+    woodbury = block_variance(jacobian, stable_cholesky(factor_d), stable_cholesky(factor_r), s2)
+    torch.testing.assert_close(ours, woodbury, rtol=1e-6, atol=1e-9)
+
+
+def test_full_factors_build_no_dense_system(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With no side low-rank (lr_threshold above every width), the predictive is computed
+    without the ``(d r) x (d r)`` Woodbury system (torch.kron is never called), equals the
+    Woodbury form with the full side's Cholesky factor, and follows a refitted posterior."""
+    torch.manual_seed(0)
+    model = BayesLoRA(
+        C,
+        BERT_NAME,
+        num_members=4,
+        prior_variance=10.0,  # a weak prior: the factors dominate
+        n_kfac=N_KFAC,
+        lr_threshold=10_000,  # every side full
+        jacobian_batch=3,
+        lora=LoRASpec(rank=RANK, gain=1.0),
+        pretrained=False,
+        backbone_overrides={**BERT_OVERRIDES, **NO_DROPOUT},
+    ).eval()
+    with torch.no_grad():
+        for layer in lora_layers(model).values():
+            layer.B.normal_(0, 0.5)
+    batches = _bert_batches()
+    model.fit_posterior(batches[:1])
+    x = tiny_inputs("hf_bert", 4, seed=9)
+
+    def no_kron(*args: object, **kwargs: object) -> torch.Tensor:
+        raise AssertionError("the dense (d r) x (d r) system was built")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(torch, "kron", no_kron)
+        _, first = model.linearised(x)
+        model.fit_posterior(batches)  # new factors: the cached decompositions are redone
+        _, variance = model.linearised(x)
+    assert not torch.allclose(first, variance, rtol=1e-3)
+    # the same posterior through the Woodbury form (Cholesky factor of the full side)
+    from lorae.methods.bayes_lora import _block_jacobians, _key, block_variance, stable_cholesky
+
+    layers = lora_layers(model.network.backbone)
+    params = {
+        f"{name}.{f}": getattr(layer, f).detach() for name, layer in layers.items() for f in "AB"
+    }
+    jacobians, _ = jacrev(
+        lambda p: (model.network.head(functional_call(model.network.backbone, p, (x,)))[0],) * 2,
+        has_aux=True,
+    )(params)
+    expected = torch.zeros_like(variance)
+    for name, layer in layers.items():
+        blocks = _block_jacobians(layer, jacobians[f"{name}.A"], jacobians[f"{name}.B"])
+        for block, jacobian in blocks.items():
+            a, g = (model.posterior.get_buffer(_key(name, block, f)) for f in ("a", "g"))
+            large, small = (a, g) if block == "A" else (g, a)
+            expected += block_variance(
+                jacobian, stable_cholesky(large), stable_cholesky(small), 10.0
+            )
+    torch.testing.assert_close(variance, expected, rtol=1e-5, atol=1e-10)
+    assert variance.diagonal(dim1=1, dim2=2).min() > 0
+
+
 def test_kfac_rows_all_uses_every_token() -> None:
     last, every = _bert_bayes("last"), _bert_bayes("all")
     for model in (last, every):

@@ -59,6 +59,10 @@ def test_paper_dry_run_lists_every_cell(tmp_path: Path, capsys: pytest.CaptureFi
         assert "--data.init_args.train_limit=4000" in line
         ensemble = any(f"/{m}.yaml" in line for m in sst2_grid.ENSEMBLES)
         assert ("--model.method.init_args.num_members=8" in line) == ensemble, line
+        # Bayes-LoRA's members are free draws of its predictive: its config's 512 (app. W)
+        assert ("num_members" in line) == ensemble, line
+    assert "bayes_lora" not in sst2_grid.ENSEMBLES
+    assert sst2_grid.members_of(sst2_grid.parse(paper_argv(tmp_path)), "bayes_lora") == 512
     # every cell is listed with its estimate, and the plan is summed
     assert out.count(" CPU-h)") + out.count(" CPU-h;") == len(lines)
     # seed 0's tested cell of every method tests the search run at the chosen rate

@@ -476,7 +476,8 @@ def paper_section(folder: Path, figure_dir: Path, doc: Path) -> str:
         "\nThe paper's SST-2 protocol (appendix M) scaled to CPU: all-MiniLM-L6-v2 instead of "
         "BERT base, a fixed subset of `sst2/train.tsv`; each method's learning rate from the "
         "paper's grid by validation accuracy (the final epoch's), 3 epochs of linear decay, "
-        "M = 8 for every ensemble, the final weights tested on the test part of `dev.tsv`, OOD "
+        "M = 8 for every ensemble (Bayes-LoRA: its 512 posterior samples, appendix W), the "
+        "final weights tested on the test part of `dev.tsv`, OOD "
         f"against AG News. Grid options: `{json.dumps(options)}`.\n\n```bash\n"
         f"{grid_argv_command(folder, 'python experiments/sst2_paper.py grid', PAPER_COMMAND)}\n"
         "```\n",

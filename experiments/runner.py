@@ -23,6 +23,7 @@ import resource
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -171,13 +172,25 @@ def cell_loggers(folder: Path, callbacks: list[dict[str, Any]] | None = None) ->
     return path
 
 
+#: The CPU seconds of the child process a thread's last :func:`_run_lorae` ran (``cpu``).
+_LAST_CHILD = threading.local()
+
+
 def _run_lorae(args: list[str], log: Path, mode: Mode) -> int:
-    """Run ``lorae ARGS``; stdout and stderr go to ``log``. Returns the exit code."""
+    """Run ``lorae ARGS``; stdout and stderr go to ``log``. Returns the exit code.
+
+    A child's CPU time is its own (``os.wait4``), kept in ``_LAST_CHILD.cpu``: the process's
+    ``RUSAGE_CHILDREN`` would also count the children that other threads (``--jobs``)
+    reaped meanwhile."""
     if mode == "subprocess":
         with log.open("w", encoding="utf-8") as handle:
-            return subprocess.call(
+            process = subprocess.Popen(
                 [sys.executable, "-m", "lorae", *args], stdout=handle, stderr=subprocess.STDOUT
             )
+            _, status, usage = os.wait4(process.pid, 0)
+            process.returncode = os.waitstatus_to_exitcode(status)
+            _LAST_CHILD.cpu = usage.ru_utime + usage.ru_stime
+            return process.returncode
     from contextlib import redirect_stderr, redirect_stdout
 
     from lorae.cli import main
@@ -263,6 +276,7 @@ def run_cell(cell: Cell, mode: Mode = "subprocess") -> dict[str, Any]:
         args.append(f"--ckpt_path={last}")
         _keep_csv_log(cell.folder, len(attempts))
     who = resource.RUSAGE_CHILDREN if mode == "subprocess" else resource.RUSAGE_SELF
+    _LAST_CHILD.cpu = None
     before = resource.getrusage(who)
     start = time.perf_counter()
     log = cell.folder / ("lorae.log" if not attempts else f"lorae_{len(attempts)}.log")
@@ -272,6 +286,8 @@ def run_cell(cell: Cell, mode: Mode = "subprocess") -> dict[str, Any]:
         _merge_csv_log(cell.folder)
     after = resource.getrusage(who)
     cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    if mode == "subprocess" and _LAST_CHILD.cpu is not None:
+        cpu = _LAST_CHILD.cpu  # this cell's child alone (see _run_lorae)
     attempt = {
         "command": ["lorae", *args],
         "wall_seconds": round(wall, 3),

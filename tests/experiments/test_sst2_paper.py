@@ -209,6 +209,39 @@ def test_resumable_cell_continues_from_its_last_checkpoint(
         run_cell(plain)
 
 
+def test_cells_run_side_by_side_get_their_own_cpu_time(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two cells at once (`--jobs 2`): a sleeping child is charged no CPU, even when the busy
+    one finishes first (the process-wide RUSAGE_CHILDREN would charge both to it)."""
+    import stat
+    import threading
+
+    fake = tmp_path / "python"  # stands in for `python -m lorae ARGS`
+    fake.write_text(
+        "#!/bin/sh\n"
+        'if [ "$3" = burn ]; then exec "$REAL_PYTHON" -c "import time\n'
+        't = time.process_time()\nwhile time.process_time() - t < 1.0: pass"\n'
+        "else sleep 3; fi\n"
+    )
+    fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
+    monkeypatch.setenv("REAL_PYTHON", __import__("sys").executable)
+    monkeypatch.setattr(runner.sys, "executable", str(fake))
+    cells = {kind: Cell(tmp_path / kind, [kind], log_config=False) for kind in ("burn", "idle")}
+    records: dict[str, dict[str, Any]] = {}
+
+    def run(kind: str) -> None:
+        records[kind] = run_cell(cells[kind])
+
+    threads = [threading.Thread(target=run, args=(kind,)) for kind in cells]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert records["burn"]["cpu_seconds"] >= 0.9  # it burned a second of CPU
+    assert records["idle"]["cpu_seconds"] < 0.5  # it slept; the burner's second is not its
+
+
 def write_csv(folder: Path, rows: list[tuple[int, float, float]]) -> None:
     (folder / "csv").mkdir(parents=True, exist_ok=True)
     lines = ["epoch,step,train/loss,val/acc,val/nll"]

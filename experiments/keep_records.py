@@ -12,7 +12,8 @@ reliability diagram and ensemble-size curve, a few tens of kB each). From the pa
 grid (``sst2_paper.py``) also each cell's ``attempts.json`` (the wall and CPU time of every
 attempt of a resumed cell), ``weight_diversity.json`` (the appendix E score) and the gain
 sweep's ``gain/gain.json``; ``lorae analyze``'s full output (``analysis/``, matrices and t-SNE
-coordinates) is left out.
+coordinates) is left out, and so is any file over 1 MB (printed instead; only the pairwise
+matrices of a posterior with hundreds of samples get there).
 """
 
 from __future__ import annotations
@@ -26,6 +27,11 @@ if __package__ in (None, ""):  # run as `python experiments/keep_records.py`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from experiments.make_results import FIGURES
+
+#: Larger files are not kept (reported instead): the records live in git. Only the pairwise
+#: matrices of a many-sample posterior (Bayes-LoRA's 512 draws: an 8 MB ``diversity.json``)
+#: reach it; their summary is in the run's ``metrics.json``.
+MAX_RECORD_BYTES = 1_000_000
 
 #: File names kept besides ``*.json``.
 KEPT_NAMES = {"env.txt", "ensemble_size.csv", *FIGURES}
@@ -45,6 +51,11 @@ def records(folder: Path) -> list[Path]:
     return sorted(kept)
 
 
+def too_large(folder: Path, kept: list[Path]) -> list[Path]:
+    """The files of ``kept`` (relative to ``folder``) over ``MAX_RECORD_BYTES``."""
+    return [r for r in kept if (folder / r).stat().st_size > MAX_RECORD_BYTES]
+
+
 def main(argv: list[str] | None = None) -> int:
     """Copy the records; returns 0."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -56,6 +67,11 @@ def main(argv: list[str] | None = None) -> int:
     kept = records(args.source)
     if not kept:
         parser.error(f"{args.source} holds no records (*.json): has the experiment run?")
+    skipped = too_large(args.source, kept)
+    for relative in skipped:
+        size_mb = (args.source / relative).stat().st_size / 1e6
+        print(f"not kept (over {MAX_RECORD_BYTES / 1e6:.0f} MB): {relative} ({size_mb:.1f} MB)")
+    kept = [r for r in kept if r not in skipped]
     for relative in kept:
         (args.target / relative).parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(args.source / relative, args.target / relative)

@@ -23,6 +23,7 @@ if TYPE_CHECKING:
 __all__ = [
     "ensemble_size_figure",
     "heatmap_figure",
+    "heatmap_ticks",
     "matplotlib_available",
     "reliability_figure",
     "require_pyplot",
@@ -66,6 +67,24 @@ def save_figure(figure: Figure, path: Path) -> Path:
     return path
 
 
+#: Side of the drawn matrix in inches is at most this (a 512-sample Bayes-LoRA posterior would
+#: otherwise ask for a 233-inch, 20-GB canvas).
+HEATMAP_MAX_INCHES = 9.0
+#: Matrices larger than this get about this many evenly spaced tick labels instead of one each.
+HEATMAP_MAX_TICKS = 16
+#: Matrices up to this size get every cell's value written into it.
+HEATMAP_MAX_ANNOTATED = 12
+
+
+def heatmap_ticks(size: int) -> list[int]:
+    """The row (and column) indices that get a tick label: all of them up to
+    ``HEATMAP_MAX_TICKS``, else about that many, evenly spaced, first and last included."""
+    if size <= HEATMAP_MAX_TICKS:
+        return list(range(size))
+    spaced = np.linspace(0, size - 1, HEATMAP_MAX_TICKS).round().astype(int)
+    return sorted(set(spaced.tolist()))
+
+
 def heatmap_figure(
     matrix: np.ndarray,
     title: str,
@@ -73,7 +92,12 @@ def heatmap_figure(
     colorbar_label: str = "",
     axis_labels: tuple[str, str] = ("member", "member"),
 ) -> Figure:
-    """A square matrix (e.g. pairwise disagreement between members) as an annotated heat map.
+    """A square matrix (e.g. pairwise disagreement between members) as a heat map.
+
+    Cells carry their values up to ``HEATMAP_MAX_ANNOTATED`` members; the canvas grows with the
+    size up to ``HEATMAP_MAX_INCHES`` and the tick labels are thinned beyond
+    ``HEATMAP_MAX_TICKS``, so a posterior of hundreds of samples (Bayes-LoRA's 512, appendix W)
+    draws in bounded memory.
 
     Shape:
         matrix: ``(M, M)``
@@ -81,15 +105,17 @@ def heatmap_figure(
     plt = require_pyplot()
     size = matrix.shape[0]
     names = list(labels) if labels is not None else [str(i) for i in range(size)]
-    figure, axes = plt.subplots(figsize=(1.0 + 0.45 * size + 1.5, 1.0 + 0.45 * size))
-    image = axes.imshow(matrix, cmap="viridis")
+    side = min(0.45 * size, HEATMAP_MAX_INCHES)
+    figure, axes = plt.subplots(figsize=(1.0 + side + 1.5, 1.0 + side))
+    image = axes.imshow(matrix, cmap="viridis", interpolation="nearest")
     figure.colorbar(image, ax=axes, label=colorbar_label)
-    axes.set_xticks(range(size), names)
-    axes.set_yticks(range(size), names)
+    ticks = heatmap_ticks(size)
+    axes.set_xticks(ticks, [names[i] for i in ticks])
+    axes.set_yticks(ticks, [names[i] for i in ticks])
     axes.set_xlabel(axis_labels[0])
     axes.set_ylabel(axis_labels[1])
     axes.set_title(title)
-    if size <= 12:
+    if size <= HEATMAP_MAX_ANNOTATED:
         for i in range(size):
             for j in range(size):
                 axes.text(

@@ -478,3 +478,18 @@ def test_kept_records_regenerate_the_same_document(tmp_path: Path) -> None:
     )
     with pytest.raises(SystemExit):
         keep_records.main([str(tmp_path / "missing"), str(records)])
+
+
+def test_records_over_the_size_cap_are_reported_not_copied(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run = tmp_path / "run" / "runs" / "bayes_lora" / "seed0"
+    run.mkdir(parents=True)
+    (run / "metrics.json").write_text('{"metrics": {}}\n')
+    (run / "diversity.json").write_text("[" + "0.0," * keep_records.MAX_RECORD_BYTES + "0.0]\n")
+    records = tmp_path / "records"
+    assert keep_records.main([str(tmp_path / "run"), str(records)]) == 0
+    kept = records / "runs" / "bayes_lora" / "seed0"
+    assert (kept / "metrics.json").is_file()
+    assert not (kept / "diversity.json").exists()
+    assert "not kept (over 1 MB): runs/bayes_lora/seed0/diversity.json" in capsys.readouterr().out

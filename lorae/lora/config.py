@@ -22,8 +22,11 @@ from typing import Literal, get_args
 from lorae.errors import ConfigError
 from lorae.lora.targets import ATTENTION, Projection
 
-#: Initialisation of the ``A`` factors (paper appendix N): Xavier-uniform or Gaussian.
-LoRAInit = Literal["xavier_uniform", "normal"]
+#: Initialisation of the ``A`` factors: Xavier-uniform or Gaussian (paper appendix N), or
+#: PEFT's default ``kaiming_uniform`` (``LoraConfig(init_lora_weights=True)``: Kaiming-uniform
+#: with ``a = sqrt(5)``, bound ``1 / sqrt(D_in)``), the "standard LoRA setup" of the Bayes-LoRA
+#: baseline (appendix W), which the paper ran with Yang et al.'s PEFT-based implementation.
+LoRAInit = Literal["xavier_uniform", "normal", "kaiming_uniform"]
 
 
 @dataclass(frozen=True)
@@ -38,8 +41,9 @@ class LoRASpec:
             paper's default) and ``mlp`` (both feed-forward linears, the "+ MLP" variant).
         last_blocks: adapt only the last k transformer blocks (``None``: all blocks; ``0``:
             none, LoRA-Ensemble's head-only ensemble).
-        init: ``A`` initialisation, ``"xavier_uniform"`` (with ``gain``) or ``"normal"``
-            (with ``std``); ``B`` always starts at zero.
+        init: ``A`` initialisation, ``"xavier_uniform"`` (with ``gain``), ``"normal"``
+            (with ``std``) or ``"kaiming_uniform"`` (PEFT's default, neither); ``B`` always
+            starts at zero.
         gain: Xavier-uniform gain (paper default 10, so that members start diverse).
         std: standard deviation of the Gaussian init.
 

@@ -14,6 +14,7 @@ with ``torch.func.functional_call``: a chunk of members (views ``A[m0:m0+k]``, s
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -28,8 +29,10 @@ def init_lora_a(a: Tensor, init: LoRAInit, gain: float, std: float) -> None:
     """Initialise stacked ``A`` matrices in place, each ``(R, D_in)`` slice drawn on its own.
 
     Paper appendix N: Xavier-uniform with gain 10 (default, so members start diverse) or a
-    Gaussian with standard deviation ``std``. ``B`` starts at zero so the adapted model equals
-    the pretrained one at initialisation.
+    Gaussian with standard deviation ``std``; or PEFT's default, Kaiming-uniform with
+    ``a = sqrt(5)`` (what ``nn.Linear`` and PEFT's ``lora_A`` start from; ``gain`` and ``std``
+    unused). ``B`` starts at zero so the adapted model equals the pretrained one at
+    initialisation.
 
     Shape:
         a: ``(..., R, D_in)``; every leading index is one independently drawn matrix.
@@ -37,6 +40,8 @@ def init_lora_a(a: Tensor, init: LoRAInit, gain: float, std: float) -> None:
     for matrix in a.view(-1, a.shape[-2], a.shape[-1]):
         if init == "xavier_uniform":
             nn.init.xavier_uniform_(matrix, gain=gain)
+        elif init == "kaiming_uniform":
+            nn.init.kaiming_uniform_(matrix, a=math.sqrt(5))
         else:
             nn.init.normal_(matrix, mean=0.0, std=std)
 

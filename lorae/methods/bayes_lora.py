@@ -58,7 +58,9 @@ post-training step could fit it. So the posterior is fitted lazily, by the
 :class:`LaplacePosterior` callback at the start of ``test``/``predict``/``validate`` (outside
 ``fit``) whenever the loaded weights have none, from the data module's training split, and
 stored in the method's buffers (part of every later checkpoint). Starting to train again
-discards it. Validation during ``fit`` evaluates the MAP network, repeated as S members.
+discards it. Validation during ``fit`` evaluates the MAP network, repeated as S members. A
+checkpoint whose factors have other shapes (another ``n_kfac`` or ``lr_threshold``) loads its
+MAP weights and fits the posterior again with the current settings.
 """
 
 from __future__ import annotations
@@ -71,6 +73,7 @@ import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
 from lightning.fabric.utilities.apply_func import move_data_to_device
+from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 from torch.func import functional_call, jacrev
 from torch.utils.data import DataLoader
@@ -501,6 +504,7 @@ class BayesLoRA(LoRANetworkMethod):
                     shape = (side, columns)
                     self.posterior.register_buffer(_key(name, block, factor), torch.zeros(shape))
         self.register_buffer("fitted", torch.zeros((), dtype=torch.bool))
+        self.register_load_state_dict_pre_hook(_refit_on_other_factor_shapes)
 
     def callbacks(self) -> list[pl.Callback]:
         return [LaplacePosterior(self)]
@@ -634,6 +638,42 @@ class BayesLoRA(LoRANetworkMethod):
             logits = self.network(x)  # validation during fit: the MAP, as every member
             return logits.expand(self.num_members, *logits.shape[1:])
         return self.sample_logits(*self.linearised(x))  # (S, B, C)
+
+
+def _refit_on_other_factor_shapes(
+    module: nn.Module,
+    state_dict: dict[str, Any],
+    prefix: str,
+    *args: Any,
+) -> None:
+    """Load a checkpoint whose K-FAC factors have other shapes (written with another
+    ``n_kfac`` or ``lr_threshold``) by dropping its factors: the MAP weights load, the
+    posterior is marked unfitted, and :class:`LaplacePosterior` fits it again with the current
+    settings when evaluation starts. Without this, changing the posterior's settings on a
+    trained network ended in ``size mismatch`` errors."""
+    assert isinstance(module, BayesLoRA)
+    ours = dict(module.posterior.named_buffers())
+    theirs = {
+        key[len(prefix + "posterior.") :]: key
+        for key in state_dict
+        if key.startswith(prefix + "posterior.")
+    }
+    if all(
+        name in theirs and state_dict[theirs[name]].shape == buffer.shape
+        for name, buffer in ours.items()
+    ):
+        return
+    for key in theirs.values():
+        del state_dict[key]
+    for name, buffer in ours.items():
+        state_dict[prefix + "posterior." + name] = torch.zeros_like(buffer)
+    fitted = state_dict.get(prefix + "fitted")
+    if fitted is not None and bool(fitted):
+        rank_zero_info(
+            "Bayes-LoRA: the checkpoint's posterior was fitted with other n_kfac / "
+            "lr_threshold settings; it is fitted again with the current ones."
+        )
+    state_dict[prefix + "fitted"] = torch.zeros((), dtype=torch.bool)
 
 
 def _block_jacobians(layer: LoRAEnsembleLinear, jac_a: Tensor, jac_b: Tensor) -> dict[str, Tensor]:

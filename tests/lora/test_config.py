@@ -42,7 +42,7 @@ def test_scale_frozen_and_hashable() -> None:
         ({"targets": ("q", "x")}, "['q', 'k', 'v', 'o', 'mlp']"),
         ({"targets": ("q", "q")}, "distinct"),
         ({"last_blocks": -1}, "lora.last_blocks must be null"),
-        ({"init": "kaiming"}, "['xavier_uniform', 'normal']"),
+        ({"init": "kaiming"}, "['xavier_uniform', 'normal', 'kaiming_uniform']"),
         ({"gain": 0.0}, "lora.gain and lora.std must be > 0"),
         ({"std": -0.1}, "lora.gain and lora.std must be > 0"),
     ],

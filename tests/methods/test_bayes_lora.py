@@ -92,7 +92,7 @@ def _peft_mirror(network: nn.Module) -> nn.Module:
     return mirror
 
 
-def _bert_bayes(rows: str = "last") -> BayesLoRA:
+def _bert_bayes(rows: str = "last", lr_threshold: int = THRESHOLD) -> BayesLoRA:
     torch.manual_seed(0)
     model = BayesLoRA(
         C,
@@ -100,7 +100,7 @@ def _bert_bayes(rows: str = "last") -> BayesLoRA:
         num_members=4,
         prior_variance=S2,
         n_kfac=N_KFAC,
-        lr_threshold=THRESHOLD,
+        lr_threshold=lr_threshold,
         kfac_rows=rows,  # type: ignore[arg-type]
         jacobian_batch=3,
         lora=LoRASpec(rank=RANK, gain=1.0),
@@ -326,3 +326,34 @@ def test_bad_settings_are_config_errors() -> None:
         BayesLoRA(C, name, lora=LoRASpec(rank=2, last_blocks=0), **common)  # type: ignore[arg-type]
     with pytest.raises(ConfigError, match="kfac_rows"):
         BayesLoRA(C, name, kfac_rows="first", lora=LoRASpec(rank=2), **common)  # type: ignore[arg-type]
+
+
+def test_a_checkpoint_with_other_factor_shapes_loads_its_map_and_refits() -> None:
+    """Changing ``lr_threshold`` (or ``n_kfac``) on a trained network: the factors' shapes
+    differ, so the MAP weights load and the posterior is fitted again with the new settings."""
+    written = _bert_bayes()
+    with torch.no_grad():  # a MAP of its own, unlike any freshly built model's
+        for layer in lora_layers(written).values():
+            layer.B.add_(0.3)
+    written.fit_posterior(_bert_batches())
+    x = tiny_inputs("hf_bert", 2, seed=3)
+    model = _bert_bayes(lr_threshold=100)  # hidden 16 < 100: every factor full now
+    assert any(
+        b.shape != model.posterior.get_buffer(n).shape for n, b in written.posterior.named_buffers()
+    )
+    model.load_state_dict(written.state_dict())
+    assert not bool(model.fitted)
+    with torch.no_grad():  # unfitted: every member is the checkpoint's MAP network
+        torch.testing.assert_close(model(x)[0], written.network(x)[0])
+    model.fit_posterior(_bert_batches())
+    reference = _bert_bayes(lr_threshold=100)
+    reference.load_state_dict(written.state_dict())
+    reference.fit_posterior(_bert_batches())
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), reference(x))
+    # same shapes: a fitted posterior loads as it is
+    again = _bert_bayes()
+    again.load_state_dict(written.state_dict())
+    assert bool(again.fitted)
+    with torch.no_grad():
+        torch.testing.assert_close(again(x), written(x))

@@ -6,6 +6,7 @@ from dataclasses import fields
 
 import pytest
 import torch
+from torch import nn
 
 from lorae.backbones import create_backbone
 from lorae.errors import ConfigError
@@ -131,13 +132,17 @@ def test_mlp_targets_and_high_rank_single_network() -> None:
 
 
 @pytest.mark.parametrize(
-    ("init", "kwargs"), [("normal", {"std": 0.5}), ("xavier_uniform", {"gain": 3.0})]
+    ("init", "kwargs"),
+    [("normal", {"std": 0.5}), ("xavier_uniform", {"gain": 3.0}), ("kaiming_uniform", {})],
 )
 def test_init_options_reach_the_factors(init: str, kwargs: dict[str, float]) -> None:
     model = _lora("timm_vit", init=init, **kwargs)
     a = torch.cat([layer.A.flatten() for layer in lora_layers(model).values()])
     if init == "normal":
         assert abs(a.std().item() - 0.5) < 0.05
+    elif init == "kaiming_uniform":
+        # PEFT's lora_A = nn.Linear(D_in, R) default init: bound 1 / sqrt(D_in), D_in = 16
+        assert a.abs().max().item() <= 16**-0.5 and a.abs().max().item() > 0.8 * 16**-0.5
     else:
         # Xavier bound gain * sqrt(6 / (fan_in + fan_out)) for A (R=2, D_in=16): fan 18.
         bound = 3.0 * (6 / 18) ** 0.5
@@ -149,3 +154,16 @@ def test_unknown_head_and_backbone_training_are_config_errors() -> None:
         _lora("timm_vit", head="mean")
     with pytest.raises(ConfigError, match="train_backbone"):
         _lora("timm_vit", train_backbone="some")
+
+
+def test_kaiming_uniform_is_what_an_nn_linear_starts_from() -> None:
+    """PEFT's ``lora_A`` is an ``nn.Linear(D_in, R)`` reset with ``kaiming_uniform_(a=sqrt(5))``,
+    the same draw as ``nn.Linear``'s own weight init: from one seed the factors agree."""
+    from lorae.lora.layers import init_lora_a
+
+    a = torch.empty(1, 4, 16)
+    torch.manual_seed(7)
+    init_lora_a(a, "kaiming_uniform", gain=10.0, std=0.02)
+    torch.manual_seed(7)
+    linear = nn.Linear(16, 4, bias=False)
+    torch.testing.assert_close(a[0], linear.weight.detach())

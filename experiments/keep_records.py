@@ -29,7 +29,7 @@ if __package__ in (None, ""):  # run as `python experiments/keep_records.py`
 from experiments.make_results import FIGURES
 
 #: Larger files are not kept (reported instead): the records live in git. Only the pairwise
-#: matrices of a many-sample posterior (Bayes-LoRA's 512 draws: an 8 MB ``diversity.json``)
+#: matrices of a many-sample posterior (Bayes-LoRA's 512 draws: a 17 MB ``diversity.json``)
 #: reach it; their summary is in the run's ``metrics.json``.
 MAX_RECORD_BYTES = 1_000_000
 

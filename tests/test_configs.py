@@ -158,3 +158,18 @@ def test_composition_check_fails_on_a_repeat_and_a_contradiction(tmp_path: Path)
     assert "model.method.init_args.backbone" in composition_errors(method, {})[0]
     method.write_text("model:\n  method:\n    class_path: lorae.methods.SingleNetwork\n")
     assert "no 'base:'" in composition_errors(method, {})[0]
+
+
+BAYES_CONFIGS = sorted(Path("configs").glob("*/bayes_lora.yaml"))
+
+
+@pytest.mark.parametrize("path", BAYES_CONFIGS, ids=str)
+def test_bayes_lora_configs_follow_appendix_w(path: Path) -> None:
+    """Appendix W: "we follow the standard LoRA setup [...] The prior variance is chosen as
+    10^-3 [...] the number of posterior samples [...] is fixed at 512 [...] n_kfac = 10":
+    the MAP LoRA starts from PEFT's default init, not LoRA-Ensemble's Xavier gain 10."""
+    init_args = load_composed(path)["model"]["method"]["init_args"]
+    assert init_args["lora"]["init"] == "kaiming_uniform"
+    assert init_args["num_members"] == 512
+    assert init_args.get("prior_variance", 1e-3) == 1e-3
+    assert init_args.get("n_kfac", 10) == 10

@@ -640,18 +640,32 @@ def finish_test_cell(args: argparse.Namespace, method: str, folder: Path) -> Non
         shutil.rmtree(folder / "analysis", ignore_errors=True)
 
 
-def test_cell(args: argparse.Namespace, method: str, seed: int, lr: float) -> Cell:
-    """The stage 2 cell of ``method`` and ``seed`` at ``lr`` (trained and tested)."""
+def test_cell(
+    args: argparse.Namespace,
+    method: str,
+    seed: int,
+    lr: float,
+    variant: tuple[Path, list[str], dict[str, Any]] | None = None,
+) -> Cell:
+    """The stage 2 cell of ``method`` and ``seed`` at ``lr`` (trained and tested).
+
+    ``variant``: ``(folder, extra lorae arguments, extra info)`` of a cell that is not the
+    grid's own (e.g. the gain sweep's); such a cell never tests a search run, so it is
+    estimated and run as a full training."""
     folder = args.output / "runs" / method / f"seed{seed}"
     cell_args = [*common_args(args, method, seed, lr), "--test_after_fit=true"]
     if args.epochs is not None:
         cell_args.append(f"--trainer.max_epochs={args.epochs}")
     info: dict[str, Any] = {"stage": "test", "method": method, "lr": lr, "seed": seed}
+    if variant is not None:
+        folder, extra_args, extra_info = variant
+        cell_args += extra_args
+        info.update(extra_info)
     reused = folder / REUSED_FILE
     if reused.is_file():
         info["training_reused"] = json.loads(reused.read_text())
     cell = make_cell(args, folder, cell_args, info, epochs=args.epochs)
-    if reuses_search(args) and seed == args.lr_seed:
+    if variant is None and reuses_search(args) and seed == args.lr_seed:
         cell.info["reuses_search"] = True
         trained = _estimate(args, method, args.epochs or 3, test=False)
         if cell.estimate_seconds is not None and trained is not None:

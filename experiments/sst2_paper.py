@@ -98,13 +98,13 @@ def chosen_lr(grid: Path, given: float | None) -> float:
 
 def gain_cell(args: argparse.Namespace, gain: float, seed: int, lr: float, base: float) -> Cell:
     """LoRA-Ensemble at ``gain``: the grid's own cell at the configs' gain ``base``."""
-    cell = sst2_grid.test_cell(args, GAIN_METHOD, seed, lr)
     if gain == base:
-        return cell
-    cell.folder = args.output / "gain" / gain_label(gain) / f"seed{seed}"
-    cell.args = [*cell.args, f"--model.method.init_args.lora.gain={gain:g}"]
-    cell.info = {**cell.info, "stage": "gain", "gain": gain}
-    return cell
+        return sst2_grid.test_cell(args, GAIN_METHOD, seed, lr)
+    folder = args.output / "gain" / gain_label(gain) / f"seed{seed}"
+    extra = [f"--model.method.init_args.lora.gain={gain:g}"]
+    return sst2_grid.test_cell(
+        args, GAIN_METHOD, seed, lr, variant=(folder, extra, {"stage": "gain", "gain": gain})
+    )
 
 
 def gain_runs(

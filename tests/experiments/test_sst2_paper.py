@@ -108,6 +108,28 @@ def test_gain_dry_run_reuses_the_grid_run_at_gain_10(
     assert "# 12 cells; estimated" in out
 
 
+def test_a_gain_cell_trains_in_full_even_at_the_search_seed(tmp_path: Path) -> None:
+    """Only the grid's own seed-0 LoRA-Ensemble cell tests the search run; a gain cell of
+    that seed trains from the start, so it is neither flagged nor estimated as test-only,
+    and it never takes over the grid cell's reuse record."""
+    grid = sst2_grid.parse(paper_argv(tmp_path, "--protocol", "paper"))
+    own = sst2_paper.gain_cell(grid, 10.0, 0, 5e-5, 10.0)
+    own.folder.mkdir(parents=True)
+    (own.folder / sst2_grid.REUSED_FILE).write_text(json.dumps({"trained_in": "lr_search"}))
+    own = sst2_paper.gain_cell(grid, 10.0, 0, 5e-5, 10.0)
+    assert own.info["reuses_search"] and "training_reused" in own.info
+    full = sst2_paper.gain_cell(grid, 10.0, 1, 5e-5, 10.0)  # another seed: full training
+    for seed, reference in ((0, full), (1, full)):
+        cell = sst2_paper.gain_cell(grid, 4.0, seed, 5e-5, 10.0)
+        assert cell.folder == tmp_path / "grid" / "gain" / "g4" / f"seed{seed}"
+        assert cell.info["stage"] == "gain" and cell.info["gain"] == 4.0
+        assert "reuses_search" not in cell.info and "training_reused" not in cell.info
+        assert cell.args[-1] == "--model.method.init_args.lora.gain=4"
+        assert f"--seed_everything={seed}" in cell.args
+        assert cell.estimate_seconds is not None and own.estimate_seconds is not None
+        assert cell.estimate_seconds == reference.estimate_seconds > own.estimate_seconds
+
+
 def test_every_cell_fits_two_hours_on_two_threads() -> None:
     argv = ["--protocol", "paper", "--data", "D", "--output", "/nonexistent/grid", "--threads"]
     cells = sst2_grid.plan([*argv, "2"])

@@ -48,6 +48,26 @@ from lorae.training import default_callbacks
 Batch = tuple[Inputs, Tensor]
 CHECKPOINT_KEY = "lorae"
 
+#: Beyond this many members (Bayes-LoRA's 512 posterior draws, appendix W) validation logs
+#: ``member_acc/{min,mean,max}`` instead of one curve per member; ``metrics.json`` of a test
+#: keeps every member.
+MEMBER_CURVES_MAX = 32
+
+
+def summarise_members(values: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Replace the ``member_acc/<m>`` entries of ``values`` by their min, mean and max."""
+    members = [v for k, v in values.items() if k.startswith("member_acc/")]
+    kept = {k: v for k, v in values.items() if not k.startswith("member_acc/")}
+    if not members:
+        return kept
+    stacked = torch.stack(members)
+    return {
+        **kept,
+        "member_acc/min": stacked.min(),
+        "member_acc/mean": stacked.mean(),
+        "member_acc/max": stacked.max(),
+    }
+
 
 def prediction_outputs(
     logits: Tensor, calibration: CalibrationRecord | None = None
@@ -114,12 +134,12 @@ class EnsembleClassifier(pl.LightningModule):
             ``pretrained`` weights; either kind loads whatever this option says.
 
     Logged metrics (``{stage}/`` prefix for ``val`` and ``test``): ``acc``, ``f1`` (macro),
-    ``ece``, ``nll``, ``brier`` of the ensemble predictive, ``member_acc/{i}`` per member, and
-    ``loss``. Testing logs ``test/loss``; :meth:`test_step` returns the member logits and
-    targets, from which the :class:`~lorae.evaluation.callback.TestProtocol` callback (attached
-    by the CLI; add it to a trainer of your own) computes and logs every other ``test/`` metric
-    (temperature variants, ensemble-size curve, diversity, OOD and shift sets) and writes
-    ``metrics.json``.
+    ``ece``, ``nll``, ``brier`` of the ensemble predictive, ``member_acc/{i}`` per member (their
+    min, mean and max beyond :data:`MEMBER_CURVES_MAX` members), and ``loss``. Testing logs
+    ``test/loss``; :meth:`test_step` returns the member logits and targets, from which the
+    :class:`~lorae.evaluation.callback.TestProtocol` callback (attached by the CLI; add it to a
+    trainer of your own) computes and logs every other ``test/`` metric (temperature variants,
+    ensemble-size curve, diversity, OOD and shift sets) and writes ``metrics.json``.
     """
 
     class_weights: Tensor | None
@@ -178,6 +198,8 @@ class EnsembleClassifier(pl.LightningModule):
 
     def _log_metrics(self, stage: str, metrics: EnsembleMetrics) -> None:
         values = metrics.compute()  # torchmetrics synchronises across processes here
+        if self.method.num_members > MEMBER_CURVES_MAX:
+            values = summarise_members(values)
         for key, value in values.items():
             self.log(f"{stage}/{key}", value, prog_bar=key in ("acc", "nll"))
         metrics.reset()

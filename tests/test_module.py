@@ -15,7 +15,7 @@ from lorae.errors import CheckpointMismatchError, ConfigError
 from lorae.lora import LoRASpec
 from lorae.methods import LoRAEnsemble
 from lorae.metrics import member_cross_entropy
-from lorae.module import EnsembleClassifier
+from lorae.module import MEMBER_CURVES_MAX, EnsembleClassifier
 from lorae.optim import ExponentialDecay, warmup_decay
 from tests.fixtures.models import TINY_BACKBONES
 
@@ -157,3 +157,33 @@ def test_exponential_decay_counts_epochs_of_the_real_loader() -> None:
     trainer.fit(module, train_dataloaders=_loader())
     assert len(_loader()) > 1, "several steps per epoch, or the test cannot tell steps from epochs"
     assert seen == pytest.approx([0.1, 0.05, 0.025])
+
+
+@pytest.mark.parametrize("num_members", [2, MEMBER_CURVES_MAX + 1])
+def test_validation_logs_one_curve_per_member_up_to_the_cap(num_members: int) -> None:
+    """Up to MEMBER_CURVES_MAX members each gets its own ``val/member_acc/<m>``; beyond it
+    (Bayes-LoRA's 512 draws) their min, mean and max, from the same member accuracies."""
+    module = _module(num_members=num_members)
+    trainer = pl.Trainer(
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.validate(module, dataloaders=_loader(), verbose=False)
+    logged = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    members = sorted(k for k in logged if k.startswith("val/member_acc/"))
+    x, y = (torch.cat(t) for t in zip(*_loader(), strict=True))
+    module.eval()
+    with torch.no_grad():
+        accuracies = (module(x).argmax(-1) == y).float().mean(dim=1)  # (M,)
+    if num_members <= MEMBER_CURVES_MAX:
+        assert members == sorted(f"val/member_acc/{m}" for m in range(num_members))
+        for m in range(num_members):
+            assert logged[f"val/member_acc/{m}"] == pytest.approx(float(accuracies[m]))
+    else:
+        assert members == ["val/member_acc/max", "val/member_acc/mean", "val/member_acc/min"]
+        assert logged["val/member_acc/min"] == pytest.approx(float(accuracies.min()))
+        assert logged["val/member_acc/mean"] == pytest.approx(float(accuracies.mean()))
+        assert logged["val/member_acc/max"] == pytest.approx(float(accuracies.max()))
+    assert {"val/acc", "val/nll", "val/ece"} <= set(logged)

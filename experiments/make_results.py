@@ -470,7 +470,18 @@ def paper_section(folder: Path, figure_dir: Path, doc: Path) -> str:
         return ""
     grid_path = folder / "grid.json"
     grid = json.loads(grid_path.read_text()) if grid_path.is_file() else {}
-    options = {k: v for k, v in grid.items() if k not in ("configs", "mode", "argv", "data")}
+    # the options every invocation shares; methods and jobs are per invocation (listed below)
+    per_invocation = (
+        "configs",
+        "mode",
+        "argv",
+        "data",
+        "methods",
+        "jobs",
+        "dry_run",
+        "invocations",
+    )
+    options = {k: v for k, v in grid.items() if k not in per_invocation}
     parts = [
         f"{PAPER_HEADING}\n",
         "\nThe paper's SST-2 protocol (appendix M) scaled to CPU: all-MiniLM-L6-v2 instead of "

@@ -445,7 +445,7 @@ def run_search_cell(args: argparse.Namespace, cell: Cell) -> dict[str, Any] | No
     if record["returncode"] != 0:
         print(f"[lr search] {method} lr={lr:g}: FAILED, see {cell.folder / 'lorae.log'}")
         return None
-    keep = args.keep_lr_checkpoints or reuses_search(args)  # hand_over removes them
+    keep = args.keep_lr_checkpoints or reuses_search(args, method)  # hand_over removes them
     summary = (
         json.loads((cell.folder / cell.marker).read_text())
         if record["skipped"]
@@ -511,8 +511,10 @@ def search_method(args: argparse.Namespace, method: str) -> dict[str, Any] | Non
 REUSED_FILE = "reused_training.json"
 
 
-def reuses_search(args: argparse.Namespace) -> bool:
-    """Whether the tested run of seed ``--lr-seed`` is the search run at the chosen rate.
+def reuses_search(args: argparse.Namespace, method: str) -> bool:
+    """Whether the tested run of ``method`` at seed ``--lr-seed`` is the search run at the
+    chosen rate. Never for a ``--share-lr`` target: it has no search run of its own (its
+    rate is another method's choice), so each of its seeds trains in full.
 
     With ``--protocol paper`` both stages train the final weights with the same command except
     ``--test_after_fit`` (same seed, rate, epochs and data), and ``trainer.deterministic`` is
@@ -522,6 +524,7 @@ def reuses_search(args: argparse.Namespace) -> bool:
     one training run fewer per method (about 6 CPU-hours of the grid's 38)."""
     return (
         args.checkpoint == "final"
+        and method not in shared_lrs(args)
         and fixed_rates(args) is None
         and not args.retrain_lr_seed
         and args.lr_seed in args.seeds
@@ -537,7 +540,7 @@ def hand_over(args: argparse.Namespace, method: str, lr: float) -> None:
     is done or already holds a checkpoint is left alone; without the checkpoint (a search
     finished on another machine, its records restored) the tested cell trains from the start
     as usual."""
-    if not reuses_search(args):
+    if not reuses_search(args, method):
         return
     target = test_cell(args, method, args.lr_seed, lr)
     for rate, cell in search_cells(args, method):
@@ -665,7 +668,7 @@ def test_cell(
     if reused.is_file():
         info["training_reused"] = json.loads(reused.read_text())
     cell = make_cell(args, folder, cell_args, info, epochs=args.epochs)
-    if variant is None and reuses_search(args) and seed == args.lr_seed:
+    if variant is None and reuses_search(args, method) and seed == args.lr_seed:
         cell.info["reuses_search"] = True
         trained = _estimate(args, method, args.epochs or 3, test=False)
         if cell.estimate_seconds is not None and trained is not None:

@@ -130,6 +130,29 @@ def test_a_gain_cell_trains_in_full_even_at_the_search_seed(tmp_path: Path) -> N
         assert cell.estimate_seconds == reference.estimate_seconds > own.estimate_seconds
 
 
+def test_a_shared_rate_method_trains_its_search_seed_in_full(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``--share-lr explicit_ensemble=single_network``: the Explicit Ensemble has no search
+    run of its own, so its seed-0 cell is neither labelled nor estimated as test-only (it was
+    listed at 0.43 CPU-h instead of 2.48), while the Single Network's seed 0 still is."""
+    argv = paper_argv(tmp_path, "--methods", "single_network", "explicit_ensemble")
+    argv += ["--share-lr", "explicit_ensemble=single_network"]
+    grid = sst2_grid.parse([*argv, "--protocol", "paper"])
+    assert sst2_grid.reuses_search(grid, "single_network")
+    assert not sst2_grid.reuses_search(grid, "explicit_ensemble")
+    first = sst2_grid.test_cell(grid, "explicit_ensemble", 0, 5e-5)
+    second = sst2_grid.test_cell(grid, "explicit_ensemble", 1, 5e-5)
+    assert "reuses_search" not in first.info
+    assert first.estimate_seconds is not None
+    assert first.estimate_seconds == second.estimate_seconds
+    assert sst2_grid.test_cell(grid, "single_network", 0, 5e-5).info["reuses_search"]
+    assert sst2_paper.main(["grid", *argv, "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    listed = [line for line in out.splitlines() if "tests the search run" in line]
+    assert len(listed) == 1 and "/runs/single_network/seed0 " in listed[0]
+
+
 def test_every_cell_fits_two_hours_on_two_threads() -> None:
     argv = ["--protocol", "paper", "--data", "D", "--output", "/nonexistent/grid", "--threads"]
     cells = sst2_grid.plan([*argv, "2"])

@@ -532,6 +532,27 @@ def reuses_search(args: argparse.Namespace, method: str) -> bool:
     )
 
 
+def will_reuse_search(args: argparse.Namespace, method: str, folder: Path) -> bool:
+    """Whether the tested cell in ``folder`` (seed ``--lr-seed``) gets the search run's
+    training (:func:`reuses_search`): it already holds the reuse record, the search has not
+    chosen yet (:func:`hand_over` moves the checkpoint when it does), or the chosen search run
+    still holds its ``last.ckpt``. Not when the search finished on another machine and only
+    its records were restored (no checkpoint): that cell trains in full, and the plan and its
+    estimate say so."""
+    if not reuses_search(args, method):
+        return False
+    if (folder / REUSED_FILE).is_file():
+        return True
+    selection = args.output / "lr_search" / method / "selection.json"
+    if not selection.is_file():
+        return True
+    lr = json.loads(selection.read_text())["lr"]
+    return any(
+        rate == lr and (cell.folder / "checkpoints" / LAST_CHECKPOINT).is_file()
+        for rate, cell in search_cells(args, method)
+    )
+
+
 def hand_over(args: argparse.Namespace, method: str, lr: float) -> None:
     """Move the chosen search run's ``last.ckpt`` into the tested cell of seed ``--lr-seed``
     (see :func:`reuses_search`) with :data:`REUSED_FILE` (where it was trained, its wall and
@@ -668,7 +689,7 @@ def test_cell(
     if reused.is_file():
         info["training_reused"] = json.loads(reused.read_text())
     cell = make_cell(args, folder, cell_args, info, epochs=args.epochs)
-    if variant is None and reuses_search(args, method) and seed == args.lr_seed:
+    if variant is None and seed == args.lr_seed and will_reuse_search(args, method, folder):
         cell.info["reuses_search"] = True
         trained = _estimate(args, method, args.epochs or 3, test=False)
         if cell.estimate_seconds is not None and trained is not None:

@@ -153,6 +153,33 @@ def test_a_shared_rate_method_trains_its_search_seed_in_full(
     assert len(listed) == 1 and "/runs/single_network/seed0 " in listed[0]
 
 
+def test_a_search_restored_without_its_checkpoint_trains_its_seed_in_full(tmp_path: Path) -> None:
+    """A search finished on another machine and restored from its records (no ``last.ckpt``):
+    the seed-0 cell trains in full, so it is neither flagged nor estimated as test-only (MC
+    Dropout's seed 0 was listed at 0.51 CPU-h instead of 1.64). With the chosen run's
+    checkpoint still there, or before the search has chosen, it is."""
+    grid = sst2_grid.parse(paper_argv(tmp_path, "--protocol", "paper"))
+    assert sst2_grid.test_cell(grid, "mc_dropout", 0, 5e-5).info["reuses_search"]  # not chosen
+    search = tmp_path / "grid" / "lr_search" / "mc_dropout"
+    search.mkdir(parents=True)
+    (search / "selection.json").write_text(json.dumps({"lr": 5e-5}))
+    first = sst2_grid.test_cell(grid, "mc_dropout", 0, 5e-5)
+    second = sst2_grid.test_cell(grid, "mc_dropout", 1, 5e-5)
+    assert "reuses_search" not in first.info
+    assert first.estimate_seconds is not None
+    assert first.estimate_seconds == second.estimate_seconds
+    other = search / "lr7e-05" / "checkpoints" / "last.ckpt"  # not the chosen rate's
+    other.parent.mkdir(parents=True)
+    other.write_bytes(b"")
+    assert "reuses_search" not in sst2_grid.test_cell(grid, "mc_dropout", 0, 5e-5).info
+    chosen = search / "lr5e-05" / "checkpoints" / "last.ckpt"
+    chosen.parent.mkdir(parents=True)
+    chosen.write_bytes(b"")
+    kept = sst2_grid.test_cell(grid, "mc_dropout", 0, 5e-5)
+    assert kept.info["reuses_search"]
+    assert kept.estimate_seconds is not None and kept.estimate_seconds < second.estimate_seconds
+
+
 def test_every_cell_fits_two_hours_on_two_threads() -> None:
     argv = ["--protocol", "paper", "--data", "D", "--output", "/nonexistent/grid", "--threads"]
     cells = sst2_grid.plan([*argv, "2"])

@@ -285,12 +285,22 @@ PAPER_HEADING = "## SST-2 with all-MiniLM-L6-v2, the paper's protocol scaled dow
 GAIN_FIGURE = "sst2_paper_gain.png"
 #: (key in a gain row, column title, digits) of the gain table.
 GAIN_COLUMNS = [
-    ("diversity", "Diversity score (App. E)", 4),
+    ("diversity", "Diversity of updates (App. E)", 4),
+    ("diversity_weights", "Diversity of W_i (App. E)", 4),
     ("test/acc", "Accuracy", 4),
     ("test/ece", "ECE", 4),
     ("test/nll", "NLL", 4),
     ("test/diversity/disagreement", "Disagreement (test)", 4),
 ]
+
+
+#: The gain table's diversity columns and their ``weight_diversity.json`` fields: appendix E's
+#: score of the members' value updates ``W_i - W0`` and of their whole value matrices ``W_i``
+#: (the appendix does not say which; :func:`lorae.analysis.diversity_score`).
+DIVERSITY_FIELDS = {
+    "diversity": "diversity_score_v",
+    "diversity_weights": "diversity_score_v_weights",
+}
 
 
 def mean_std(values: Sequence[float], digits: int = 4) -> str:
@@ -355,14 +365,13 @@ def gain_rows(folder: Path) -> list[dict[str, Any]]:
             seeds.append(metrics_path.parent.name.removeprefix("seed"))
             metrics = json.loads(metrics_path.read_text())["metrics"]
             diversity_path = metrics_path.parent / "weight_diversity.json"
-            diversity = (
-                json.loads(diversity_path.read_text()).get("diversity_score_v")
-                if diversity_path.is_file()
-                else None
-            )
-            values["diversity"].append(math.nan if diversity is None else float(diversity))
-            for key, _, _ in GAIN_COLUMNS[1:]:
-                values[key].append(float(metrics.get(key, math.nan)))
+            record = json.loads(diversity_path.read_text()) if diversity_path.is_file() else {}
+            for key, field in DIVERSITY_FIELDS.items():
+                value = record.get(field)  # absent: analysed before it was recorded
+                values[key].append(math.nan if value is None else float(value))
+            for key, _, _ in GAIN_COLUMNS:
+                if key not in DIVERSITY_FIELDS:
+                    values[key].append(float(metrics.get(key, math.nan)))
         if seeds:
             rows.append({"gain": gain, "folder": runs, "seeds": seeds, "values": values})
     return rows
@@ -399,7 +408,7 @@ def gain_figure(rows: Sequence[dict[str, Any]], path: Path) -> bool:
         return statistics.fmean(finite), statistics.stdev(finite) if len(finite) > 1 else 0.0
 
     figure, axes = plt.subplots(1, 3, figsize=(12, 3.6))
-    for axis, (key, title, _) in zip(axes, GAIN_COLUMNS[1:4], strict=True):
+    for axis, (key, title, _) in zip(axes, GAIN_COLUMNS[2:5], strict=True):
         xs = [stats(row["values"]["diversity"]) for row in rows]
         ys = [stats(row["values"][key]) for row in rows]
         axis.errorbar(
@@ -516,11 +525,14 @@ def paper_section(folder: Path, figure_dir: Path, doc: Path) -> str:
             "\n### Xavier gain against diversity (Tab. 11, appendix E)\n\n"
             f"LoRA-Ensemble (M = 8) at its chosen rate ({sweep['lr']:g}) with the LoRA A "
             "factors drawn Xavier-uniform with each gain; gain "
-            f"{sweep['config_gain']:g} is the grid's own LoRA-Ensemble run. Diversity score: "
-            "one minus the mean pairwise Pearson correlation of the members' value-projection "
-            "updates, averaged over layers (appendix E; `lorae analyze`, "
-            "`weight_diversity.json`); disagreement: the members' mean pairwise disagreement "
-            f"on the test part. Mean ± std over seeds.\n\n```bash\n{command}\n```\n\n"
+            f"{sweep['config_gain']:g} is the grid's own LoRA-Ensemble run. Diversity score "
+            "(appendix E): one minus the mean pairwise Pearson correlation of the members' "
+            "value-projection matrices, averaged over layers (`lorae analyze`, "
+            "`weight_diversity.json`). The appendix does not say which matrices: 'of updates' "
+            "correlates the updates `W_i - W0`, 'of W_i' the whole adapted matrices (n/a: "
+            "analysed before that column was recorded). Disagreement: the members' mean "
+            "pairwise disagreement on the test part. Mean ± std over seeds.\n\n"
+            f"```bash\n{command}\n```\n\n"
         )
         parts.append(gain_table(rows))
         figure = figure_dir / GAIN_FIGURE

@@ -620,7 +620,8 @@ def analysis_cell(folder: Path) -> Cell:
 
 def analyze_run(folder: Path, mode: Mode) -> dict[str, Any] | None:
     """Write ``folder/weight_diversity.json`` from ``lorae analyze`` of the run's
-    ``checkpoints/last.ckpt`` (the appendix E diversity score ``diversity_score_v``, the
+    ``checkpoints/last.ckpt`` (the appendix E diversity score of the value updates
+    ``diversity_score_v`` and of the whole value matrices ``diversity_score_v_weights``, the
     members' mean disagreement and JSD on :data:`ANALYZE_SAMPLES` validation sentences).
 
     Returns:
@@ -640,6 +641,9 @@ def analyze_run(folder: Path, mode: Mode) -> dict[str, Any] | None:
     analysis = json.loads((cell.folder / cell.marker).read_text())
     result = {
         "diversity_score_v": analysis.get("weights", analysis).get("diversity_score_v"),
+        "diversity_score_v_weights": analysis.get("weights", analysis).get(
+            "diversity_score_v_weights"
+        ),
         "disagreement": analysis.get("disagreement"),
         "jsd_bits": analysis.get("jsd_bits"),
         "split": "val",

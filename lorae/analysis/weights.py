@@ -23,18 +23,24 @@ projection the pretrained weight ``W0`` ``(D_out, D_in)`` and each member's effe
   same for the singular vectors of the updates ``W_i - W0``, whose leading R are those of
   ``B_i A_i``; Fig. 14);
 - :func:`diversity_score` (appendix E): one minus the mean pairwise Pearson correlation of the
-  members' flattened value-projection updates ``W_i - W0``.
+  members' flattened value-projection updates ``W_i - W0`` or (``of="weights"``) of their
+  whole matrices ``W_i``; the appendix does not say which.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import Tensor
 
+#: What :func:`diversity_score` correlates: the members' updates or their whole matrices.
+DiversityOf = Literal["updates", "weights"]
+
 __all__ = [
+    "DiversityOf",
     "WeightSpaceReport",
     "analyse_projection",
     "diversity_score",
@@ -172,27 +178,46 @@ def analyse_projection(
     )
 
 
-def diversity_score(weights: Mapping[str, tuple[Tensor, Tensor]], projection: str = "v") -> float:
+def diversity_score(
+    weights: Mapping[str, tuple[Tensor, Tensor]],
+    projection: str = "v",
+    of: DiversityOf = "updates",
+) -> float:
     """Appendix E diversity score: ``1 - mean pairwise Pearson correlation`` of the members'
-    flattened updates ``W_i - W0`` of one projection (value by default), averaged over layers.
+    flattened value-projection matrices (by default), averaged over layers.
 
-    0 when all members learned the same update; about 1 for uncorrelated updates.
+    Appendix E: "we compute the average pairwise correlation between the LoRA V projection
+    matrices of different ensemble members, averaged across all layers. Diversity score = 1 -
+    average correlation." It does not say which matrix; both readings are computed:
+
+    - ``of="updates"``: the members' updates ``W_i - W0`` (the scaled ``B_i A_i``). 0 when all
+      members learned the same update, about 1 for uncorrelated updates: independently
+      initialised ``A_i`` make it high at any gain.
+    - ``of="weights"``: the members' whole adapted matrices ``W_i = W0 + (alpha/R) B_i A_i``.
+      The shared ``W0`` dominates while the updates are small, so it grows with the updates'
+      size relative to ``W0``, from near 0; this is the scale of Tab. 11 (0.006 at gain 1 to
+      0.511 at gain 40).
 
     Args:
         weights: :meth:`~lorae.methods.EnsembleMethod.member_weights` output.
         projection: which projection's keys (``"<block>.<projection>"``) to use.
+        of: ``"updates"`` or ``"weights"`` (above).
 
     Raises:
-        ValueError: no key of that projection, or fewer than two members.
+        ValueError: no key of that projection, fewer than two members, or another ``of``.
     """
+    if of not in ("updates", "weights"):
+        raise ValueError(f"of={of!r}: expected 'updates' (W_i - W0) or 'weights' (W_i).")
     correlations = []
     for name, (reference, members) in weights.items():
         if name.rsplit(".", 1)[-1] != projection:
             continue
         if members.shape[0] < 2:
             raise ValueError("The diversity score needs at least two members.")
-        deltas = (members.detach().double().cpu() - reference.detach().double().cpu()).flatten(1)
-        corr = torch.corrcoef(deltas)
+        matrices = members.detach().double().cpu()
+        if of == "updates":
+            matrices = matrices - reference.detach().double().cpu()
+        corr = torch.corrcoef(matrices.flatten(1))
         m = corr.shape[0]
         correlations.append((corr.sum() - corr.diagonal().sum()) / (m * (m - 1)))
     if not correlations:

@@ -13,7 +13,9 @@ chosen split, and writes:
   per-sample one) and mutual information (nats), their pairwise matrices, the t-SNE
   coordinates, per projection the weight-space numbers (:mod:`lorae.analysis.weights`: top-k
   singular values, the k x k singular-vector cosine heatmaps of appendix D, k = ``--top_k``,
-  16 as in the paper) and the appendix E diversity score, and (when the run recorded one
+  16 as in the paper) and the appendix E diversity score (``diversity_score_v`` of the
+  members' value updates ``W_i - W0``, ``diversity_score_v_weights`` of their whole value
+  matrices ``W_i``: the appendix does not say which), and (when the run recorded one
   with :class:`lorae.evaluation.WeightTrajectory`) the t-SNE of the weight trajectory;
 - ``weight_space.csv``: one row per projection (block.q/k/v/o) with the summary numbers;
 - ``ensemble_size.csv``;
@@ -155,10 +157,11 @@ def analyze_weights(
             "delta_member_cosines": report.delta_member_cosines.tolist(),
         }
     result: dict[str, Any] = {"projections": projections}
-    try:
-        result["diversity_score_v"] = diversity_score(weights, "v")
+    try:  # appendix E does not say which matrices it correlates: both readings
+        result["diversity_score_v"] = diversity_score(weights, "v", of="updates")
+        result["diversity_score_v_weights"] = diversity_score(weights, "v", of="weights")
     except ValueError as error:
-        result["diversity_score_v"] = None
+        result["diversity_score_v"] = result["diversity_score_v_weights"] = None
         result["diversity_score_note"] = str(error)
     return result
 
@@ -368,6 +371,10 @@ def main(argv: list[str]) -> int:
         f"MI {result['mutual_information_nats']:.4f} nats"
     )
     if "weights" in result:
-        print(f"appendix E diversity score (v): {result['weights']['diversity_score_v']}")
+        weights = result["weights"]
+        print(
+            f"appendix E diversity score (v): {weights['diversity_score_v']} of the updates "
+            f"W_i - W0, {weights['diversity_score_v_weights']} of the matrices W_i"
+        )
     print("Written: " + ", ".join(str(p) for p in written))
     return 0

@@ -153,6 +153,32 @@ def test_diversity_score_is_one_minus_mean_pairwise_correlation() -> None:
     assert diversity_score(same) == pytest.approx(0.0, abs=1e-12)
     with pytest.raises(ValueError, match="'o'"):
         diversity_score(weights, "o")
+    with pytest.raises(ValueError, match=r"'updates'.*'weights'"):
+        diversity_score(weights, of="deltas")  # type: ignore[arg-type]
+
+
+def test_diversity_score_of_weights_correlates_the_whole_matrices() -> None:
+    """``of="weights"`` correlates ``W_i`` itself: the shared ``W0`` pulls it towards 0 while
+    the updates are small against it, whereas the updates' own correlation does not depend
+    on their size (appendix E's two readings)."""
+    generator = torch.Generator().manual_seed(7)
+    reference = torch.randn(6, 5, generator=generator, dtype=torch.float64)
+    noise = torch.randn(4, 6, 5, generator=generator, dtype=torch.float64)
+    scores = {}
+    for scale in (1e-2, 1.0, 1e2):
+        members = reference + scale * noise
+        corr = np.corrcoef(members.reshape(4, -1).numpy())
+        expected = 1 - np.mean([corr[i, j] for i, j in itertools.permutations(range(4), 2)])
+        weights = {"0.v": (reference, members)}
+        scores[scale] = diversity_score(weights, of="weights")
+        assert scores[scale] == pytest.approx(expected)
+        assert diversity_score(weights) == pytest.approx(
+            diversity_score({"0.v": (reference, reference + noise)})
+        )
+    assert scores[1e-2] < 1e-3 < scores[1.0] < scores[1e2]
+    assert scores[1e2] == pytest.approx(
+        diversity_score({"0.v": (reference, reference + noise)}), abs=1e-3
+    )
 
 
 def test_tsne_embeds_one_point_per_member() -> None:
@@ -225,6 +251,7 @@ def test_weight_space_analysis_reads_every_method_with_member_weights(kind: str)
     assert set(weights) == {f"{b}.{p}" for b in range(depth) for p in "qkvo"}
     result = analyze_weights(weights, top_k=2, threshold=0.5)
     assert isinstance(result["diversity_score_v"], float)
+    assert isinstance(result["diversity_score_v_weights"], float)
     reference, members = weights["1.v"]
     for i in range(3):
         delta = (members[i] - reference).detach().double().numpy()

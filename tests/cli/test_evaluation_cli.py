@@ -303,6 +303,12 @@ def test_analyze_writes_numbers_and_figures(trained: tuple[Path, Path], tmp_path
         assert 0.0 <= values["member_similarity"] <= 1.0 + 1e-9
         assert len(values["member_similarity_matrix"]) == 3
     assert 0.0 < result["weights"]["diversity_score_v"] <= 2.0
+    # 8 steps: the updates are small against W0, so the whole matrices stay correlated
+    assert (
+        0.0
+        < result["weights"]["diversity_score_v_weights"]
+        < result["weights"]["diversity_score_v"]
+    )
     with (out / "weight_space.csv").open() as handle:
         rows = list(csv.DictReader(handle))
     assert [r["projection"] for r in rows] == list(projections)

@@ -404,6 +404,8 @@ def fake_paper_grid(folder: Path, accs: dict[float, list[float]]) -> None:
             record |= {"wall_seconds": 100.0 + seed, "cpu_seconds": 90.0, "attempts": 2}
             (run / "run.json").write_text(json.dumps(record))
             diversity = {"diversity_score_v": gain / 50 + seed / 1000}
+            if gain != 1.0:  # gain 1: analysed before the W_i reading was recorded
+                diversity["diversity_score_v_weights"] = gain / 100 + seed / 1000
             (run / "weight_diversity.json").write_text(json.dumps(diversity))
             (run / "analysis").mkdir()
             (run / "analysis" / "analysis.json").write_text("{}")
@@ -447,6 +449,9 @@ def test_results_doc_has_the_paper_tables_gain_figure_and_cost(tmp_path: Path) -
         line = next(x for x in part.splitlines() if x.startswith(f"| {gain:g} | 0,1 |"))
         diversity = [gain / 50, gain / 50 + 0.001]
         assert f"{statistics.fmean(diversity):.4f} ± {statistics.stdev(diversity):.4f}" in line
+        of_weights = [gain / 100, gain / 100 + 0.001]
+        expected = f"{statistics.fmean(of_weights):.4f} ± {statistics.stdev(of_weights):.4f}"
+        assert (" n/a |" if gain == 1.0 else expected) in line
         assert f"{statistics.fmean(values):.4f} ± {statistics.stdev(values):.4f}" in line
     figure = doc.parent / "figures" / "results" / make_results.GAIN_FIGURE
     assert figure.read_bytes().startswith(b"\x89PNG")
@@ -465,10 +470,11 @@ def test_results_doc_has_the_paper_tables_gain_figure_and_cost(tmp_path: Path) -
     assert "| sst2_gain | 40 | 0,1 | identical |" in report
     assert "**4 of 4 rows are identical.**" in report
     changed = paper / "gain" / "g40" / "seed1" / "weight_diversity.json"
+    original = changed.read_text()
     changed.write_text(json.dumps({"diversity_score_v": 0.9}))
     assert compare_rerun.main(compare_args) == 1
     assert "| sst2_gain | 40 | 0,1 | differs |" in out.read_text()
-    changed.write_text(json.dumps({"diversity_score_v": 40 / 50 + 0.001}))
+    changed.write_text(original)
 
     # kept records regenerate the same document; lorae analyze's folder is not kept
     records = tmp_path / "records"

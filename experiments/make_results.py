@@ -520,7 +520,9 @@ def paper_section(folder: Path, figure_dir: Path, doc: Path) -> str:
     rows = gain_rows(folder)
     if rows:
         sweep = json.loads((folder / "gain" / "gain.json").read_text())
-        command = " ".join([GAIN_COMMAND.split(" --grid")[0], *sweep.get("argv", [])])
+        script = GAIN_COMMAND.split(" --grid")[0]
+        invocations = sweep.get("invocations") or [sweep.get("argv", [])]
+        command = "\n".join(" ".join([script, *argv]) for argv in invocations)
         parts.append(
             "\n### Xavier gain against diversity (Tab. 11, appendix E)\n\n"
             f"LoRA-Ensemble (M = 8) at its chosen rate ({sweep['lr']:g}) with the LoRA A "

@@ -15,10 +15,12 @@ before the grid has chosen) and trains LoRA-Ensemble for each gain and seed with
 ``--model.method.init_args.lora.gain=G`` into ``<grid>/gain/g<G>/seed<S>``; the configs' own gain
 (10) is the grid's LoRA-Ensemble run itself (``<grid>/runs/lora_ensemble/seed<S>``, the same
 command), not a second copy. Every gain run gets the appendix E diversity score (one minus the
-mean pairwise Pearson correlation of the members' value-projection updates, averaged over
-layers: ``lorae analyze`` on its final checkpoint -> ``weight_diversity.json``) before its
+mean pairwise Pearson correlation of the members' value-projection matrices, averaged over
+layers, of the updates ``W_i - W0`` and of the whole ``W_i``: the appendix does not say which;
+``lorae analyze`` on its final checkpoint -> ``weight_diversity.json``) before its
 checkpoints are removed. The sweep is resumable like the grid (cells resume per epoch).
-``<grid>/gain/gain.json`` lists the gains and where each one's runs are, for
+``<grid>/gain/gain.json`` (written before the cells run, merged over invocations) lists the
+gains and seeds of every invocation, where each gain's runs are and every command, for
 ``make_results.py``.
 """
 
@@ -29,7 +31,6 @@ import json
 import math
 import sys
 from pathlib import Path
-from typing import Any
 
 import yaml
 
@@ -148,6 +149,8 @@ def run_gain(argv: list[str]) -> int:
             f"({options.grid / 'lr_search' / GAIN_METHOD / 'selection.json'}); give --lr"
         )
     base = config_gain(args.configs)
+    if not options.dry_run:
+        record_sweep(options, args, argv, lr, base)
     results = parallel(
         options.jobs,
         lambda g: gain_runs(args, float(g), lr, base, options.dry_run),
@@ -159,22 +162,50 @@ def run_gain(argv: list[str]) -> int:
         print(f"# ({len(cells) - len(new)} of these cells are the grid's own LoRA-Ensemble runs)")
         sst2_grid.print_plan(new, args.threads)
         return 0
-    folders: dict[str, Any] = {}
-    for gain in options.gains:
-        cell = gain_cell(args, gain, args.seeds[0], lr, base)
-        folders[f"{gain:g}"] = cell.folder.parent.relative_to(options.grid).as_posix()
+    return sum(failed for failed, _ in results)
+
+
+def record_sweep(
+    options: argparse.Namespace, args: argparse.Namespace, argv: list[str], lr: float, base: float
+) -> None:
+    """Write ``gain/gain.json`` before any cell runs, so that a sweep stopped part-way (or run
+    a few gains or seeds per session) is still found by ``make_results.py``: the union of every
+    invocation's gains (with ``base``, the grid's own runs) and seeds, where each gain's runs
+    are, and every invocation's command.
+
+    Raises:
+        SystemExit: an earlier invocation used another rate (its cells would not be one sweep).
+    """
+    path = options.grid / "gain" / "gain.json"
+    earlier = json.loads(path.read_text()) if path.is_file() else {}
+    if earlier and not math.isclose(float(earlier["lr"]), lr):
+        raise SystemExit(
+            f"error: {path} records a sweep at lr={earlier['lr']:g}, this one is at {lr:g}; "
+            "give the same --lr, or another --grid"
+        )
+    gains = sorted({*map(float, earlier.get("gains", [])), *options.gains, base})
+    seeds = sorted({*earlier.get("seeds", []), *args.seeds})
+    folders = {
+        f"{gain:g}": gain_cell(args, gain, seeds[0], lr, base)
+        .folder.parent.relative_to(options.grid)
+        .as_posix()
+        for gain in gains
+    }
+    invocations = earlier.get("invocations") or ([earlier["argv"]] if "argv" in earlier else [])
+    if argv not in invocations:
+        invocations.append(argv)
     record = {
         "method": GAIN_METHOD,
-        "gains": options.gains,
+        "gains": gains,
         "config_gain": base,
         "lr": lr,
-        "seeds": args.seeds,
+        "seeds": seeds,
         "folders": folders,
         "argv": argv,
+        "invocations": invocations,
     }
-    (options.grid / "gain").mkdir(parents=True, exist_ok=True)
-    (options.grid / "gain" / "gain.json").write_text(json.dumps(record, indent=2) + "\n")
-    return sum(failed for failed, _ in results)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(record, indent=2) + "\n")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -180,6 +180,37 @@ def test_a_search_restored_without_its_checkpoint_trains_its_seed_in_full(tmp_pa
     assert kept.estimate_seconds is not None and kept.estimate_seconds < second.estimate_seconds
 
 
+def test_the_sweep_record_is_written_first_and_merged_over_invocations(tmp_path: Path) -> None:
+    """``gain/gain.json`` is written before any cell runs (a sweep stopped part-way is still
+    in the results) and merges every invocation's gains, seeds and command; the grid's own
+    gain (10) is always listed. Another rate is refused: its cells would not be one sweep."""
+    grid = tmp_path / "grid"
+    grid.mkdir()
+    (grid / "grid.json").write_text(
+        json.dumps({"argv": paper_argv(tmp_path, "--protocol", "paper")})
+    )
+    args = sst2_paper.grid_args(grid, dry_run=False)
+    path = grid / "gain" / "gain.json"
+    first = ["--grid", str(grid), "--gains", "1", "4", "--seeds", "0"]
+    second = ["--grid", str(grid), "--gains", "40", "4", "--seeds", "2"]
+    for argv in (first, second, first):
+        options = sst2_paper._parser().parse_args(argv)
+        args.seeds = options.seeds
+        sst2_paper.record_sweep(options, args, argv, 7e-5, 10.0)
+    record = json.loads(path.read_text())
+    assert record["gains"] == [1.0, 4.0, 10.0, 40.0] and record["seeds"] == [0, 2]
+    assert record["invocations"] == [first, second]
+    assert record["folders"] == {
+        "1": "gain/g1",
+        "4": "gain/g4",
+        "10": "runs/lora_ensemble",
+        "40": "gain/g40",
+    }
+    with pytest.raises(SystemExit, match=r"lr=7e-05.*5e-05"):
+        sst2_paper.record_sweep(sst2_paper._parser().parse_args(first), args, first, 5e-5, 10.0)
+    assert json.loads(path.read_text()) == record
+
+
 def test_every_cell_fits_two_hours_on_two_threads() -> None:
     argv = ["--protocol", "paper", "--data", "D", "--output", "/nonexistent/grid", "--threads"]
     cells = sst2_grid.plan([*argv, "2"])

@@ -391,8 +391,9 @@ def gain_table(rows: Sequence[dict[str, Any]]) -> str:
 
 def gain_figure(rows: Sequence[dict[str, Any]], path: Path) -> bool:
     """Accuracy, ECE and NLL against the diversity score, one point per gain (mean ± std
-    over seeds, labelled with the gain), as Tab. 11 / Fig. 14. Returns False without
-    matplotlib."""
+    over seeds, labelled with the gain), as Tab. 11 / Fig. 14: one row per reading of the
+    score (of the updates, of the whole matrices; a gain without it is left out of that row).
+    Returns False without matplotlib."""
     try:
         import matplotlib
 
@@ -407,25 +408,34 @@ def gain_figure(rows: Sequence[dict[str, Any]], path: Path) -> bool:
             return math.nan, math.nan
         return statistics.fmean(finite), statistics.stdev(finite) if len(finite) > 1 else 0.0
 
-    figure, axes = plt.subplots(1, 3, figsize=(12, 3.6))
-    for axis, (key, title, _) in zip(axes, GAIN_COLUMNS[2:5], strict=True):
-        xs = [stats(row["values"]["diversity"]) for row in rows]
-        ys = [stats(row["values"][key]) for row in rows]
-        axis.errorbar(
-            [x for x, _ in xs],
-            [y for y, _ in ys],
-            xerr=[e for _, e in xs],
-            yerr=[e for _, e in ys],
-            marker="o",
-            capsize=3,
-        )
-        for row, (x, _), (y, _) in zip(rows, xs, ys, strict=True):
-            axis.annotate(
-                f"gain {row['gain']:g}", (x, y), textcoords="offset points", xytext=(4, 4)
+    readings = [
+        ("diversity", "diversity of V updates W_i - W0"),
+        ("diversity_weights", "diversity of V matrices W_i"),
+    ]
+    figure, grid = plt.subplots(len(readings), 3, figsize=(12, 3.4 * len(readings)), squeeze=False)
+    for axes, (x_key, x_title) in zip(grid, readings, strict=True):
+        xs = [stats(row["values"][x_key]) for row in rows]
+        for axis, (key, title, _) in zip(axes, GAIN_COLUMNS[2:5], strict=True):
+            ys = [stats(row["values"][key]) for row in rows]
+            shown = [i for i, (x, _) in enumerate(xs) if not math.isnan(x)]  # n/a: not recorded
+            axis.errorbar(
+                [xs[i][0] for i in shown],
+                [ys[i][0] for i in shown],
+                xerr=[xs[i][1] for i in shown],
+                yerr=[ys[i][1] for i in shown],
+                marker="o",
+                capsize=3,
             )
-        axis.set_xlabel("diversity score (1 - mean correlation of V updates)")
-        axis.set_ylabel(title)
-        axis.grid(alpha=0.3)
+            for i in shown:
+                axis.annotate(
+                    f"gain {rows[i]['gain']:g}",
+                    (xs[i][0], ys[i][0]),
+                    textcoords="offset points",
+                    xytext=(4, 4),
+                )
+            axis.set_xlabel(f"{x_title} (App. E)")
+            axis.set_ylabel(title)
+            axis.grid(alpha=0.3)
     figure.suptitle("LoRA-Ensemble (M = 8) on SST-2 / all-MiniLM-L6-v2: Xavier gain sweep")
     figure.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -392,8 +392,8 @@ def gain_table(rows: Sequence[dict[str, Any]]) -> str:
 def gain_figure(rows: Sequence[dict[str, Any]], path: Path) -> bool:
     """Accuracy, ECE and NLL against the diversity score, one point per gain (mean ± std
     over seeds, labelled with the gain), as Tab. 11 / Fig. 14: one row per reading of the
-    score (of the updates, of the whole matrices; a gain without it is left out of that row).
-    Returns False without matplotlib."""
+    score (of the updates, of the whole matrices; a gain without it is left out of that row,
+    a reading no gain has is left out). Returns False without matplotlib or any score."""
     try:
         import matplotlib
 
@@ -408,10 +408,16 @@ def gain_figure(rows: Sequence[dict[str, Any]], path: Path) -> bool:
             return math.nan, math.nan
         return statistics.fmean(finite), statistics.stdev(finite) if len(finite) > 1 else 0.0
 
-    readings = [
-        ("diversity", "diversity of V updates W_i - W0"),
-        ("diversity_weights", "diversity of V matrices W_i"),
+    readings = [  # a reading no gain has recorded gets no row
+        (key, title)
+        for key, title in (
+            ("diversity", "diversity of V updates W_i - W0"),
+            ("diversity_weights", "diversity of V matrices W_i"),
+        )
+        if any(not math.isnan(v) for row in rows for v in row["values"][key])
     ]
+    if not readings:
+        return False
     figure, grid = plt.subplots(len(readings), 3, figsize=(12, 3.4 * len(readings)), squeeze=False)
     for axes, (x_key, x_title) in zip(grid, readings, strict=True):
         xs = [stats(row["values"][x_key]) for row in rows]

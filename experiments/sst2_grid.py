@@ -468,9 +468,7 @@ def choose_lr(
         "seed": args.lr_seed,
         "candidates": {f"{k:g}": v for k, v in sorted(candidates.items())},
     }
-    (args.output / "lr_search" / method / "selection.json").write_text(
-        json.dumps(choice, indent=2) + "\n"
-    )
+    selection_path(args.output, method).write_text(json.dumps(choice, indent=2) + "\n")
     print(f"[lr search] {method}: chose lr={lr:g}")
     hand_over(args, method, lr)
     return choice
@@ -532,6 +530,11 @@ def reuses_search(args: argparse.Namespace, method: str) -> bool:
     )
 
 
+def selection_path(output: Path, method: str) -> Path:
+    """Where the search of ``method`` under ``output`` records its chosen rate."""
+    return output / "lr_search" / method / "selection.json"
+
+
 def will_reuse_search(args: argparse.Namespace, method: str, folder: Path) -> bool:
     """Whether the tested cell in ``folder`` (seed ``--lr-seed``) gets the search run's
     training (:func:`reuses_search`): it already holds the reuse record, the search has not
@@ -543,7 +546,7 @@ def will_reuse_search(args: argparse.Namespace, method: str, folder: Path) -> bo
         return False
     if (folder / REUSED_FILE).is_file():
         return True
-    selection = args.output / "lr_search" / method / "selection.json"
+    selection = selection_path(args.output, method)
     if not selection.is_file():
         return True
     lr = json.loads(selection.read_text())["lr"]
@@ -639,11 +642,10 @@ def analyze_run(folder: Path, mode: Mode) -> dict[str, Any] | None:
         print(f"[analyze] {folder}: FAILED, see {cell.folder / 'lorae.log'}")
         return None
     analysis = json.loads((cell.folder / cell.marker).read_text())
+    weights = analysis.get("weights", analysis)
     result = {
-        "diversity_score_v": analysis.get("weights", analysis).get("diversity_score_v"),
-        "diversity_score_v_weights": analysis.get("weights", analysis).get(
-            "diversity_score_v_weights"
-        ),
+        "diversity_score_v": weights.get("diversity_score_v"),
+        "diversity_score_v_weights": weights.get("diversity_score_v_weights"),
         "disagreement": analysis.get("disagreement"),
         "jsd_bits": analysis.get("jsd_bits"),
         "split": "val",
@@ -742,7 +744,7 @@ def write_selection(args: argparse.Namespace) -> dict[str, Any]:
     """Collect every method's ``selection.json`` into ``<output>/lr_selection.json``."""
     selection = {}
     for method in LEARNING_RATES:
-        path = args.output / "lr_search" / method / "selection.json"
+        path = selection_path(args.output, method)
         if path.is_file():
             selection[method] = json.loads(path.read_text())
     (args.output / "lr_selection.json").write_text(json.dumps(selection, indent=2) + "\n")

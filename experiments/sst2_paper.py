@@ -91,7 +91,7 @@ def chosen_lr(grid: Path, given: float | None) -> float:
     """``given``, else the rate the grid chose for LoRA-Ensemble (NaN in a dry run without)."""
     if given is not None:
         return given
-    path = grid / "lr_search" / GAIN_METHOD / "selection.json"
+    path = sst2_grid.selection_path(grid, GAIN_METHOD)
     if path.is_file():
         return float(json.loads(path.read_text())["lr"])
     return math.nan

@@ -184,7 +184,7 @@ def diversity_score(
     of: DiversityOf = "updates",
 ) -> float:
     """Appendix E diversity score: ``1 - mean pairwise Pearson correlation`` of the members'
-    flattened value-projection matrices (by default), averaged over layers.
+    flattened matrices of one projection (value by default), averaged over layers.
 
     Appendix E: "we compute the average pairwise correlation between the LoRA V projection
     matrices of different ensemble members, averaged across all layers. Diversity score = 1 -
@@ -195,8 +195,8 @@ def diversity_score(
       initialised ``A_i`` make it high at any gain.
     - ``of="weights"``: the members' whole adapted matrices ``W_i = W0 + (alpha/R) B_i A_i``.
       The shared ``W0`` dominates while the updates are small, so it grows with the updates'
-      size relative to ``W0``, from near 0; this is the scale of Tab. 11 (0.006 at gain 1 to
-      0.511 at gain 40).
+      size relative to ``W0``, from near 0. Tab. 11's values (0.006 at gain 1 to 0.511 at gain
+      40) fit this reading, not the first.
 
     Args:
         weights: :meth:`~lorae.methods.EnsembleMethod.member_weights` output.

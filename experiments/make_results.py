@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 import shutil
 import statistics
 import sys
@@ -454,11 +455,19 @@ def gain_figure(rows: Sequence[dict[str, Any]], path: Path) -> bool:
 PAPER_CELLS = ("lr_search/*/*/run.json", "runs/*/seed*/run.json", "gain/*/seed*/run.json")
 
 
+def numbers_in_order(path: Path) -> list[int | str]:
+    """Sort key reading a path's digit runs as numbers, so ``gain/g4`` comes before
+    ``gain/g20`` and ``seed2`` before ``seed10`` (string order puts them the other way).
+    ``re.split`` with a group alternates text and digits, so equal positions compare alike."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", path.as_posix())]
+
+
 def cost_rows(folder: Path, patterns: Sequence[str] = PAPER_CELLS) -> list[dict[str, Any]]:
-    """Every cell's ``run.json`` under ``folder`` matching ``patterns``, in their order."""
+    """Every cell's ``run.json`` under ``folder`` matching ``patterns``, in their order (each
+    pattern's cells with their numbers in numeric order)."""
     rows = []
     for pattern in patterns:
-        for path in sorted(folder.glob(pattern)):
+        for path in sorted(folder.glob(pattern), key=numbers_in_order):
             run = json.loads(path.read_text())
             rows.append({"cell": path.parent.relative_to(folder).as_posix(), **run})
     return rows

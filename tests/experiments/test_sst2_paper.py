@@ -647,3 +647,12 @@ def test_keep_earlier_sections_adds_the_new_ones(tmp_path: Path) -> None:
     assert doc.read_text() == text
     with pytest.raises(SystemExit, match="no comparison section"):
         make_results.earlier_sections("# a document without the sections\n")
+
+
+def test_cost_rows_put_gain_cells_in_numeric_order(tmp_path: Path) -> None:
+    for gain in (1, 20, 4, 40):
+        cell = tmp_path / "gain" / f"g{gain}" / "seed0"
+        cell.mkdir(parents=True)
+        (cell / "run.json").write_text(json.dumps({"wall_seconds": 1.0, "cpu_seconds": 1.0}))
+    cells = [row["cell"] for row in make_results.cost_rows(tmp_path)]
+    assert cells == [f"gain/g{gain}/seed0" for gain in (1, 4, 20, 40)]

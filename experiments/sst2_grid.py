@@ -25,7 +25,7 @@ grid. A seed sets ``seed_everything`` and the data module's ``seed`` (shuffle or
 subsets use the config's fixed ``subset_seed``. ``trainer.deterministic`` is on in the configs,
 so a cell rerun with the same seed gives the same numbers. ``--jobs 2`` runs two cells at a
 time (one CPU thread each by default): any two search cells, of one method or of two, then
-two methods' seeds.
+any two ``(method, seed)`` cells, two seeds of one method included.
 
 ``--protocol paper`` (issue 18) is the paper's SST-2 protocol (appendix M) scaled down: every
 method, Bayes-LoRA included, searches the same rates of the paper's grid (default
@@ -705,24 +705,34 @@ def test_cell(
     return cell
 
 
-def seed_runs(args: argparse.Namespace, method: str, lr: float) -> int:
-    """Stage 2 for one method: train and test at ``lr`` for every seed; returns failures."""
-    failed = 0
-    for seed in args.seeds:
-        cell = test_cell(args, method, seed, lr)
-        if args.dry_run:
-            print_cell(cell)
-            args._planned.append(cell)
-            continue
-        record = run_cell(cell, args.mode)
-        state = "skipped (done)" if record["skipped"] else f"{record['wall_seconds']:.0f} s"
-        if record["returncode"] != 0:
-            failed += 1
-            state = f"FAILED, see {cell.folder / 'lorae.log'}"
-        else:
-            finish_test_cell(args, method, cell.folder)
-        print(f"[test] {method} seed {seed} lr={lr:g}: {state}")
+def seed_run(args: argparse.Namespace, method: str, seed: int, lr: float) -> int:
+    """Stage 2 for one method and seed: train and test at ``lr``; returns 1 if it failed."""
+    cell = test_cell(args, method, seed, lr)
+    if args.dry_run:
+        print_cell(cell)
+        args._planned.append(cell)
+        return 0
+    record = run_cell(cell, args.mode)
+    state = "skipped (done)" if record["skipped"] else f"{record['wall_seconds']:.0f} s"
+    failed = int(record["returncode"] != 0)
+    if failed:
+        state = f"FAILED, see {cell.folder / 'lorae.log'}"
+    else:
+        finish_test_cell(args, method, cell.folder)
+    print(f"[test] {method} seed {seed} lr={lr:g}: {state}", flush=True)
     return failed
+
+
+def seed_runs(args: argparse.Namespace, rates: dict[str, float]) -> int:
+    """Stage 2: every ``(method, seed)`` cell at its method's rate, ``--jobs`` at a time.
+
+    The cells are independent (each its own folder, seed and child process), so two seeds of
+    one method may run side by side: the last method left no longer runs on one core.
+    Returns the number of failed cells."""
+    pairs = [(m, seed) for m in args.methods if m in rates for seed in args.seeds]
+    if args.dry_run:  # print in order; nothing runs
+        return sum(seed_run(args, m, seed, rates[m]) for m, seed in pairs)
+    return sum(parallel(args.jobs, lambda pair: seed_run(args, *pair, rates[pair[0]]), pairs))
 
 
 def shared_lrs(args: argparse.Namespace) -> dict[str, str]:
@@ -831,21 +841,20 @@ def run_grid(args: argparse.Namespace) -> int:
             raise SystemExit(
                 "error: --fixed-lr and --method-lr replace the search: drop --lrs and --share-lr"
             )
-        return sum(parallel(args.jobs, lambda m: seed_runs(args, m, rates[m]), args.methods))
+        return seed_runs(args, rates)
     shared = shared_lrs(args)
     searched = [m for m in args.methods if m not in shared]
     choices = search(args, searched)
     failed = sum(1 for choice in choices.values() if choice is None and not args.dry_run)
-
-    def seeds_of(method: str) -> int:
+    tested: dict[str, float] = {}
+    for method in args.methods:
         choice = choices.get(shared.get(method, method))
         if choice is not None:
-            return seed_runs(args, method, float(choice["lr"]))
-        if args.dry_run:  # no rate chosen yet: print the commands with lr=nan
-            return seed_runs(args, method, float("nan"))
-        return 0  # its search failed (counted above): nothing to test
-
-    failed += sum(parallel(args.jobs, seeds_of, args.methods))
+            tested[method] = float(choice["lr"])
+        elif args.dry_run:  # no rate chosen yet: print the commands with lr=nan
+            tested[method] = float("nan")
+        # else its search failed (counted above): nothing to test
+    failed += seed_runs(args, tested)
     if not args.dry_run:
         selection = write_selection(args)
         for target, source in shared.items():
@@ -860,7 +869,7 @@ def main(argv: list[str] | None = None) -> int:
 
     First every method's learning-rate search (except ``--share-lr`` targets), then every
     method's seeds. With ``--jobs N`` up to N search cells run at the same time, then up to N
-    methods' seeds, each method's as its own sequence of child processes.
+    ``(method, seed)`` cells, each its own child process.
     """
     args = parse(argv)
     set_threads(args.threads)

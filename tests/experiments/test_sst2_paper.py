@@ -408,6 +408,31 @@ def test_jobs_run_one_methods_search_cells_side_by_side(
     assert set(choices["single_lora"]["candidates"]) == {"2e-05", "5e-05", "7e-05", "0.0001"}
 
 
+def test_jobs_run_one_methods_seeds_side_by_side(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`--jobs 2` in stage 2 with one method left: its seeds run in pairs (each fake run waits
+    at a barrier for a partner; one after another they would break it), every seed once."""
+    import threading
+
+    barrier = threading.Barrier(2, timeout=20)
+    seeds: list[str] = []
+
+    def fake(args: list[str], log: Path, mode: str) -> int:
+        barrier.wait()  # BrokenBarrierError when no second cell runs alongside
+        seeds.append(next(a for a in args if a.startswith("--seed_everything=")))
+        return 0
+
+    monkeypatch.setattr(runner, "_run_lorae", fake)
+    argv = paper_argv(tmp_path, "--protocol", "paper", "--methods", "single_lora", "--jobs", "2")
+    argv += ["--method-lr", "single_lora=5e-5", "--seeds", "1", "2", "3", "4"]
+    assert sst2_grid.main(argv) == 0
+    assert sorted(seeds) == [f"--seed_everything={s}" for s in (1, 2, 3, 4)]
+    out = capsys.readouterr().out
+    for seed in (1, 2, 3, 4):
+        assert f"[test] single_lora seed {seed} lr=5e-05: " in out
+
+
 def fake_paper_grid(folder: Path, accs: dict[float, list[float]]) -> None:
     """A finished paper grid with a gain sweep: LoRA-Ensemble at gain 10 in runs/, the other
     gains in gain/g<G>/; Single LoRA in runs/ too."""

@@ -305,12 +305,20 @@ DIVERSITY_FIELDS = {
 
 
 def mean_std(values: Sequence[float], digits: int = 4) -> str:
-    """``mean ± sample std`` of the finite ``values`` (``n/a`` when none; no ± for one)."""
+    """``mean ± sample std`` of the finite ``values`` (``n/a`` when none; no ± for one).
+
+    When only some seeds have a value (e.g. a reading recorded after the first seeds ran), the
+    cell says over how many it is, so it is not read as the row's seeds:
+    ``0.0290 ± 0.0010 (2 of 3 seeds)``."""
     finite = [v for v in values if v is not None and not math.isnan(v)]
     if not finite:
         return "n/a"
     text = f"{statistics.fmean(finite):.{digits}f}"
-    return text if len(finite) < 2 else f"{text} ± {statistics.stdev(finite):.{digits}f}"
+    if len(finite) > 1:
+        text += f" ± {statistics.stdev(finite):.{digits}f}"
+    if len(finite) < len(values):
+        text += f" ({len(finite)} of {len(values)} seeds)"
+    return text
 
 
 def grid_argv_command(folder: Path, script: str, fallback: str) -> str:

@@ -5,6 +5,7 @@ results document (Tab. 8-like table, gain table and figure, cost table) from fak
 from __future__ import annotations
 
 import json
+import math
 import statistics
 from pathlib import Path
 from typing import Any
@@ -672,6 +673,16 @@ def test_keep_earlier_sections_adds_the_new_ones(tmp_path: Path) -> None:
     assert doc.read_text() == text
     with pytest.raises(SystemExit, match="no comparison section"):
         make_results.earlier_sections("# a document without the sections\n")
+
+
+def test_gain_cell_says_over_how_many_seeds_a_partial_reading_is() -> None:
+    """Seeds 1 and 2 record the W_i reading, seed 0 (analysed earlier) does not: the cell is
+    their mean and says so, and a reading every seed has gets no such note."""
+    nan = math.nan
+    assert make_results.mean_std([nan, 0.03, 0.05]) == "0.0400 ± 0.0141 (2 of 3 seeds)"
+    assert make_results.mean_std([nan, 0.03]) == "0.0300 (1 of 2 seeds)"
+    assert make_results.mean_std([0.03, 0.05]) == "0.0400 ± 0.0141"
+    assert make_results.mean_std([nan, nan]) == "n/a"
 
 
 def test_cost_rows_put_gain_cells_in_numeric_order(tmp_path: Path) -> None:

@@ -208,6 +208,26 @@ def record_sweep(
     path.write_text(json.dumps(record, indent=2) + "\n")
 
 
+def without_paper_protocol(argv: list[str]) -> list[str]:
+    """``argv`` without a redundant ``--protocol paper`` (``grid`` always adds it, and a grid
+    records its argv: passing it again would record it twice); any other protocol is refused,
+    since this entry point is the paper protocol only."""
+    out: list[str] = []
+    rest = iter(argv)
+    for item in rest:
+        value = item.partition("=")[2] if item.startswith("--protocol=") else None
+        if item == "--protocol":
+            value = next(rest, "")
+        if value is None:
+            out.append(item)
+        elif value != "paper":
+            raise SystemExit(
+                "error: sst2_paper.py grid always runs --protocol paper, got --protocol "
+                f"{value!r}; run experiments/sst2_grid.py for the development grid"
+            )
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     """``grid ARGS`` (the paper-protocol grid) or ``gain ARGS`` (the gain sweep)."""
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -217,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
             "       sst2_paper.py gain --grid DIR [--gains ...] [--seeds ...] [--dry-run]"
         )
     if argv[0] == "grid":
-        return sst2_grid.main(["--protocol", "paper", *argv[1:]])
+        return sst2_grid.main(["--protocol", "paper", *without_paper_protocol(argv[1:])])
     return run_gain(argv[1:])
 
 

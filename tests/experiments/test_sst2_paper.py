@@ -692,3 +692,17 @@ def test_cost_rows_put_gain_cells_in_numeric_order(tmp_path: Path) -> None:
         (cell / "run.json").write_text(json.dumps({"wall_seconds": 1.0, "cpu_seconds": 1.0}))
     cells = [row["cell"] for row in make_results.cost_rows(tmp_path)]
     assert cells == [f"gain/g{gain}/seed0" for gain in (1, 4, 20, 40)]
+
+
+def test_grid_passes_a_redundant_paper_protocol_once_and_refuses_another(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    seen: list[list[str]] = []
+    monkeypatch.setattr(sst2_grid, "main", lambda argv: seen.append(argv) or 0)
+    argv = paper_argv(tmp_path, "--methods", "single_network")
+    assert sst2_paper.main(["grid", "--protocol", "paper", *argv]) == 0
+    assert sst2_paper.main(["grid", "--protocol=paper", *argv]) == 0
+    assert seen == [["--protocol", "paper", *argv]] * 2  # recorded in grid.json once, not twice
+    with pytest.raises(SystemExit, match="always runs --protocol paper, got --protocol 'dev'"):
+        sst2_paper.main(["grid", "--protocol=dev", *argv])
+    assert len(seen) == 2

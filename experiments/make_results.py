@@ -126,12 +126,25 @@ def _cell(row: dict[str, Any], name: str, digits: int) -> str:
     return text if math.isnan(std) else f"{text} ± {std:.{digits}f}"
 
 
-def table(reports: Sequence[dict[str, Any]], columns: Sequence[tuple[str, str, int]]) -> str:
-    """A Markdown table: one row per method (config stem), mean ± std over its seeds."""
-    rows = aggregate(reports, [name for name, _, _ in columns], ["method"])
+def seeds_by_method(reports: Sequence[dict[str, Any]]) -> dict[str, list[str]]:
+    """The tested seeds of each method (config stem), in the reports' order."""
     seeds: dict[str, list[str]] = {}
     for report in reports:
         seeds.setdefault(report["method"]["method"], []).append(str(report["_seed"]))
+    return seeds
+
+
+def seeds_short(reports: Sequence[dict[str, Any]], expected: Sequence[str]) -> dict[str, list[str]]:
+    """Each method whose tested seeds are fewer than ``expected`` (the grid's ``--seeds``), with
+    the seeds it has: a row's mean over 2 seeds is not one over 3."""
+    seeds = seeds_by_method(reports)
+    return {m: s for m, s in seeds.items() if not set(expected) <= set(s)}
+
+
+def table(reports: Sequence[dict[str, Any]], columns: Sequence[tuple[str, str, int]]) -> str:
+    """A Markdown table: one row per method (config stem), mean ± std over its seeds."""
+    rows = aggregate(reports, [name for name, _, _ in columns], ["method"])
+    seeds = seeds_by_method(reports)
     lines = [
         "| method | seeds | " + " | ".join(title for _, title, _ in columns) + " |",
         "|---|---|" + "---|" * len(columns),
@@ -542,11 +555,19 @@ def paper_section(folder: Path, figure_dir: Path, doc: Path) -> str:
     from experiments.sst2_grid import PAPER_METHODS  # sst2_grid's tools import this module
 
     missing = [m for m in PAPER_METHODS if m not in {r["method"]["method"] for r in reports}]
-    if missing:
+    short = seeds_short(reports, [str(s) for s in grid.get("seeds", [])])
+    if missing or short:
+        done = f"{len(PAPER_METHODS) - len(missing)} of {len(PAPER_METHODS)} methods have tested"
+        left = [f"not yet run: {', '.join(missing)}"] if missing else []
+        if short:
+            tested = ", ".join(f"{method} ({','.join(s)})" for method, s in short.items())
+            left.append(
+                f"fewer seeds than the grid's ({','.join(map(str, grid['seeds']))}) so "
+                f"far: {tested}"
+            )
         parts.append(
-            f"\n**Partial grid:** {len(PAPER_METHODS) - len(missing)} of {len(PAPER_METHODS)} "
-            f"methods have tested runs so far; not yet run: {', '.join(missing)}. The grid "
-            "continues from its kept records in later sessions (experiments/README.md).\n"
+            f"\n**Partial grid:** {done} runs so far; {'; '.join(left)}. The grid continues "
+            "from its kept records in later sessions (experiments/README.md).\n"
         )
     parts.append("\nTest part, mean ± std over seeds (Tab. 8):\n\n")
     parts.append(table(reports, [*QUALITY, *SST2_OOD]))

@@ -439,6 +439,7 @@ def fake_paper_grid(folder: Path, accs: dict[float, list[float]]) -> None:
     gains in gain/g<G>/; Single LoRA in runs/ too."""
     argv = ["--data", "/d", "--output", str(folder), "--jobs", "2"]
     grid = {"protocol": "paper", "argv": ["--protocol", "paper", *argv], "data": "/d"}
+    grid["seeds"] = [0, 1, 2]  # the fake runs have seeds 0 and 1: a grid still running
     grid["invocations"] = [grid["argv"], [*grid["argv"], "--methods", "lora_ensemble"]]
     folder.mkdir(parents=True)
     (folder / "grid.json").write_text(json.dumps(grid))
@@ -495,6 +496,7 @@ def test_results_doc_has_the_paper_tables_gain_figure_and_cost(tmp_path: Path) -
     assert "--jobs 2 --methods lora_ensemble\n" in part  # every session's command
     assert "**Partial grid:** 1 of 7 methods have tested runs so far; not yet run: " in part
     assert "single_network, single_lora, mc_dropout, explicit_ensemble, batch_ensemble," in part
+    assert "; fewer seeds than the grid's (0,1,2) so far: lora_ensemble (0,1)." in part
     assert f"python experiments/sst2_paper.py gain --grid {paper}" in part
     # Tab. 8-like: one row per method with mean ± std over its seeds
     row = next(line for line in part.splitlines() if line.startswith("| lora_ensemble | 0,1 |"))

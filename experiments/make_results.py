@@ -134,10 +134,9 @@ def seeds_by_method(reports: Sequence[dict[str, Any]]) -> dict[str, list[str]]:
     return seeds
 
 
-def seeds_short(reports: Sequence[dict[str, Any]], expected: Sequence[str]) -> dict[str, list[str]]:
-    """Each method whose tested seeds are fewer than ``expected`` (the grid's ``--seeds``), with
-    the seeds it has: a row's mean over 2 seeds is not one over 3."""
-    seeds = seeds_by_method(reports)
+def seeds_short(seeds: dict[str, list[str]], expected: Sequence[str]) -> dict[str, list[str]]:
+    """Each method of ``seeds`` (:func:`seeds_by_method`) whose tested seeds are fewer than
+    ``expected`` (the grid's ``--seeds``): a row's mean over 2 seeds is not one over 3."""
     return {m: s for m, s in seeds.items() if not set(expected) <= set(s)}
 
 
@@ -554,8 +553,9 @@ def paper_section(folder: Path, figure_dir: Path, doc: Path) -> str:
         parts.append(lr_table(json.loads(selection_path.read_text())))
     from experiments.sst2_grid import PAPER_METHODS  # sst2_grid's tools import this module
 
-    missing = [m for m in PAPER_METHODS if m not in {r["method"]["method"] for r in reports}]
-    short = seeds_short(reports, [str(s) for s in grid.get("seeds", [])])
+    tested_seeds = seeds_by_method(reports)
+    missing = [m for m in PAPER_METHODS if m not in tested_seeds]
+    short = seeds_short(tested_seeds, [str(s) for s in grid.get("seeds", [])])
     if missing or short:
         done = f"{len(PAPER_METHODS) - len(missing)} of {len(PAPER_METHODS)} methods have tested"
         left = [f"not yet run: {', '.join(missing)}"] if missing else []

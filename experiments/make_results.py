@@ -585,8 +585,9 @@ def paper_section(folder: Path, figure_dir: Path, doc: Path) -> str:
             "(appendix E): one minus the mean pairwise Pearson correlation of the members' "
             "value-projection matrices, averaged over layers (`lorae analyze`, "
             "`weight_diversity.json`). The appendix does not say which matrices: 'of updates' "
-            "correlates the updates `W_i - W0`, 'of W_i' the whole adapted matrices (n/a: "
-            "analysed before that column was recorded). Disagreement: the members' mean "
+            "correlates the updates `W_i - W0`, 'of W_i' the whole adapted matrices (fewer "
+            "seeds, or n/a, where a run was analysed before that column was recorded). "
+            "Disagreement: the members' mean "
             "pairwise disagreement on the test part. Mean ± std over seeds.\n\n"
             f"```bash\n{command}\n```\n\n"
         )
